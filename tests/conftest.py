@@ -1,0 +1,45 @@
+"""Shared fixtures: where the licensed data lives, seeds, tiny temp folders.
+
+The ESConv files and the BlenderBot-Small tokenizer are licensed data the project must not copy:
+they are read from ../shared/data beside the checkout (or $STAR_SHARED_DATA). Tests that need
+them skip with a reason where they are absent; CI always has them.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("STAR_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    random.seed(0)
+    np.random.seed(0)
+    try:
+        import torch
+    except ImportError:
+        return
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    path = SHARED_DATA / "blenderbot_small-90M"
+    if not (path / "vocab.json").is_file():
+        pytest.skip(f"BlenderBot-Small tokenizer files not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def esconv_dir() -> Path:
+    path = SHARED_DATA / "esconv"
+    if not (path / "train.txt").is_file():
+        pytest.skip(f"ESConv split files not found at {path}")
+    return path
