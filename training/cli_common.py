@@ -1,0 +1,106 @@
+"""What star-train and star-eval share: default data paths, checked option types, flag groups,
+seeding, and turning a user's mistake into one line on stderr and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from star_runtime.tokenizer import TokenizerError
+from star_training.checkpoint import CheckpointError
+from star_training.data import DataError
+from star_training.distributed import DeviceError
+
+# An editable checkout sits beside ../shared/data (the licensed files are never in the repo).
+SHARED_DATA = Path(os.environ.get("STAR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+DEFAULT_DATA = SHARED_DATA / "esconv"
+DEFAULT_TOKENIZER = SHARED_DATA / "blenderbot_small-90M"
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+
+
+class CliError(Exception):
+    """A problem the user can fix; the message is printed as is, without a traceback."""
+
+
+# -- option types: argparse turns their ValueError into "argument --x: invalid ... value" --------
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text}")
+    return value
+
+
+def nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """A number in [0, 1): a probability, a beta of AdamW, a dropout rate."""
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), not {text}")
+    return value
+
+
+def add_common_args(parser: argparse.ArgumentParser) -> None:
+    """--data, --device and --seed, named and checked the same way in every tool."""
+    parser.add_argument(
+        "--data", type=Path, default=None,
+        help=f"a folder of ESConv split files (train/valid/test.txt) or an ESConv.json "
+        f"(default: {DEFAULT_DATA} when it exists)",
+    )
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="auto: CUDA (bf16 autocast) when present, else CPU (default: auto)")
+    parser.add_argument("--seed", type=nonnegative_int, default=None, help="random seed (default: 42)")
+
+
+def resolve_data_path(path: Path | None) -> Path:
+    """The given data path, or the shared ESConv folder; a clear CliError when neither exists."""
+    if path is None:
+        if not DEFAULT_DATA.exists():
+            raise CliError(
+                f"no --data given and the default ESConv folder {DEFAULT_DATA} does not exist; "
+                "pass --data with a folder of train/valid/test.txt files or an ESConv.json"
+            )
+        return DEFAULT_DATA
+    if not path.exists():
+        raise CliError(f"--data {path} does not exist")
+    return path
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds every CUDA device
+
+
+def run_cli(prog: str, body: Callable[[], int]) -> int:
+    """Run `body`, turning the errors a user can cause into `prog: error: ...` and an exit code."""
+    try:
+        return body()
+    except (CliError, CheckpointError, DataError, TokenizerError, DeviceError) as exc:
+        print(f"{prog}: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED

@@ -1,0 +1,122 @@
+"""Evaluate a model on a split: strategy prediction, generation and PPL (SPEC section 3).
+
+- PPL: teacher-forced, gold strategy fed (`teacher_forced.py`).
+- Generation: strategy first, then the reply, with the paper's decoding settings and a fixed
+  seed; the generation metrics use the PREDICTED strategy's replies. The oracle run feeds the
+  gold strategy instead and is reported apart, never as the main result.
+- References are the training labels decoded by the same tokenizer (response cut to max_target
+  tokens, lower-cased, punctuation spaced), so hypothesis and reference share one normalisation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from star_runtime.strategies import STRATEGIES
+from star_runtime.tokenizer import Tokenizer
+from star_training.data import Example, collate
+from star_training.generate import generate
+from star_training.metrics import generation_scores, strategy_scores
+from star_training.model import StarForConditionalGeneration
+from star_training.teacher_forced import teacher_forced_scores
+
+
+@dataclass(frozen=True)
+class DecodingSettings:
+    """The paper's decoding settings (SPEC section 1) as defaults."""
+
+    top_p: float = 0.3
+    top_k: int = 30
+    temperature: float = 0.7
+    repetition_penalty: float = 1.03
+    max_new_tokens: int = 40
+
+
+@dataclass
+class EvalResult:
+    scores: dict[str, Any]  # "predicted" (and "oracle") generation scores, "teacher_forced", counts
+    predictions: list[dict[str, Any]]  # one record per example
+    oracle_predictions: list[dict[str, Any]] = field(default_factory=list)
+
+
+def reference_text(example: Example, tok: Tokenizer) -> str:
+    """The response as the model is trained to produce it: labels minus strategy token and eos."""
+    return tok.decode([i for i in example.labels[1:] if i != tok.eos_id])
+
+
+def _generate_all(
+    model: StarForConditionalGeneration,
+    examples: list[Example],
+    tok: Tokenizer,
+    *,
+    settings: DecodingSettings,
+    batch_size: int,
+    device: torch.device,
+    seed: int,
+    oracle: bool,
+) -> tuple[list[int], list[str]]:
+    """Predicted (or, for the oracle, gold) strategy ids and hypothesis texts, in example order.
+
+    One generator seeded once: the same seed and batch size give the same replies."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    strategies: list[int] = []
+    hypotheses: list[str] = []
+    for i in range(0, len(examples), batch_size):
+        chunk = examples[i : i + batch_size]
+        batch = collate(chunk, tok.pad_id)
+        result = generate(
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+            top_p=settings.top_p, top_k=settings.top_k, temperature=settings.temperature,
+            repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
+            generator=generator, forced_strategy=[e.strategy for e in chunk] if oracle else None,
+        )
+        strategies += result.strategy.tolist()
+        hypotheses += [tok.decode(ids) for ids in result.responses]
+    return strategies, hypotheses
+
+
+def _records(examples: list[Example], tok: Tokenizer, strategies: list[int], hypotheses: list[str]) -> list[dict]:
+    return [
+        {
+            "conversation": e.conversation, "turn": e.turn, "situation": e.situation, "context": list(e.context),
+            "gold_strategy": STRATEGIES[e.strategy], "predicted_strategy": STRATEGIES[s],
+            "reference": reference_text(e, tok), "hypothesis": h,
+        }
+        for e, s, h in zip(examples, strategies, hypotheses)
+    ]
+
+
+def evaluate(
+    model: StarForConditionalGeneration,
+    tok: Tokenizer,
+    examples: list[Example],
+    *,
+    settings: DecodingSettings = DecodingSettings(),
+    batch_size: int = 32,
+    device: torch.device = torch.device("cpu"),
+    seed: int = 42,
+    oracle: bool = False,
+) -> EvalResult:
+    """Score `examples`: strategy accuracy / macro-F1 and text metrics from predicted strategies,
+    PPL teacher-forced with the gold strategy, and optionally the oracle-strategy text metrics."""
+    model.to(device).eval()
+    references = [reference_text(e, tok) for e in examples]
+    gold = [e.strategy for e in examples]
+    common = dict(settings=settings, batch_size=batch_size, device=device, seed=seed)
+
+    predicted, hypotheses = _generate_all(model, examples, tok, oracle=False, **common)
+    tf = teacher_forced_scores(model, examples, pad_id=tok.pad_id, batch_size=batch_size, device=device)
+    scores: dict[str, Any] = {
+        "examples": len(examples),
+        "predicted": {**strategy_scores(gold, predicted), **generation_scores(hypotheses, references)},
+        "teacher_forced": tf,
+    }
+    result = EvalResult(scores, _records(examples, tok, predicted, hypotheses))
+    if oracle:
+        forced, oracle_hyps = _generate_all(model, examples, tok, oracle=True, **common)
+        scores["oracle"] = generation_scores(oracle_hyps, references)
+        result.oracle_predictions = _records(examples, tok, forced, oracle_hyps)
+    return result
