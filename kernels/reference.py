@@ -23,6 +23,13 @@ Our own decisions (the paper is silent):
   (-inf) - (-inf)), l = 0, a = 0.
 - The gate bias starts at -3 (sigmoid(-3) = 0.047), so adding STAR to a fine-tuned base model
   changes h by about 5%: STAR starts near the identity.
+
+One switch picks the implementation: StarModule(backend=...) (also the attribute `backend`).
+"auto" runs the fused Triton kernel (kernels/star_triton.py) on CUDA tensors where Triton imports
+and the kernel is the faster one (bfloat16, float16, float32 with TF32 allowed), and this file's
+ops elsewhere (CPU, tracing, ONNX export, torch.compile, float32 with TF32 off); "torch" always
+runs this file; "triton" always runs the kernel and raises where it cannot. Triton is imported
+on first use, so this file works without it.
 """
 
 from __future__ import annotations
@@ -36,6 +43,25 @@ from torch import nn
 
 EMPTY_MAX = -1e30
 DEFAULT_GATE_BIAS = -3.0
+BACKENDS = ("auto", "torch", "triton")
+_star_triton = None  # kernels.star_triton once imported; False where Triton is missing
+
+
+def _triton_kernels():
+    """The fused-kernel module, imported on first use; None where Triton is not installed."""
+    global _star_triton
+    if _star_triton is None:
+        try:
+            from . import star_triton
+        except ImportError:
+            star_triton = False
+        _star_triton = star_triton
+    return _star_triton or None
+
+
+def _tracing() -> bool:
+    """Tracing, ONNX export and torch.compile need the plain ops, not a Triton launch."""
+    return torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling()
 
 
 class StarState(NamedTuple):
@@ -77,6 +103,7 @@ class StarModule(nn.Module):
 
     d: model width. gate: "vector" (g in (0,1)^d) or "scalar" (one g per position).
     gate_hidden / refine_hidden: widths of the two FFNs (default d).
+    backend: "auto", "torch" or "triton" (module docstring).
     """
 
     def __init__(
@@ -88,10 +115,14 @@ class StarModule(nn.Module):
         refine_hidden: int | None = None,
         gate_bias_init: float = DEFAULT_GATE_BIAS,
         init_std: float = 0.02,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         if gate not in ("vector", "scalar"):
             raise ValueError(f"gate must be 'vector' or 'scalar', not {gate!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+        self.backend = backend
         self.d, self.gate_kind = d, gate
         gh, rh = gate_hidden or d, refine_hidden or d
         self.score_proj = nn.Linear(d, d)  # W_a, b_a
@@ -113,7 +144,7 @@ class StarModule(nn.Module):
         nn.init.constant_(self.gate_fc2.bias, self.gate_bias_init)
 
     def extra_repr(self) -> str:
-        return f"d={self.d}, gate={self.gate_kind}"
+        return f"d={self.d}, gate={self.gate_kind}, backend={self.backend}"
 
     # -- the pieces -------------------------------------------------------------------------
     def score(self, h: torch.Tensor) -> torch.Tensor:
@@ -134,12 +165,30 @@ class StarModule(nn.Module):
         return g * self.refine(z) + (1 - g) * h
 
     # -- full sequence and streaming -----------------------------------------------------------
+    def _fused_kernels(self, h: torch.Tensor):
+        """kernels.star_triton where this call should run the fused kernel, else None."""
+        if self.backend == "torch" or (self.backend == "auto" and (not h.is_cuda or _tracing())):
+            return None
+        kernels = _triton_kernels()
+        reason = "Triton is not installed" if kernels is None else kernels.unsupported(h)
+        if reason is None and self.backend == "auto":
+            reason = kernels.slower_than_reference(h)
+        if reason is None:
+            return kernels
+        if self.backend == "triton":
+            raise ValueError(f"StarModule(backend='triton') cannot run the fused kernel: {reason}")
+        return None
+
     def forward(self, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Teacher-forced STAR over a block: h [B, T, d], mask [B, T] -> h' [B, T, d]."""
+        if (kernels := self._fused_kernels(h)) is not None:
+            return kernels.fused_forward(self, h, mask)
         return self.mix(h, causal_pool(h, self.score(h), mask))
 
     def step(self, h_t: torch.Tensor, state: StarState) -> tuple[torch.Tensor, StarState]:
         """One decoding position: h_t [B, d] and the state before it -> (h'_t [B, d], new state)."""
+        if (kernels := self._fused_kernels(h_t)) is not None:
+            return kernels.fused_step(self, h_t, state)
         s = self.score(h_t)  # [B]
         m = torch.maximum(state.m, s)
         scale_old, scale_new = torch.exp(state.m - m), torch.exp(s - m)  # [B]

@@ -1,0 +1,282 @@
+"""Fused STAR kernel vs eager PyTorch vs torch.compile, against the card's floor.
+
+    python benchmarks/kernel.py [--batches 128,16,1] [--time 41] [--d 512]
+                                [--precisions bf16,fp32,tf32] [--json PATH]
+
+Modes: "fwd" (inference forward over [B, T, d]), "fwd+bwd" (training step of the module: forward,
+then backward into h and every weight), "step" (one decoding position with the streaming state).
+Providers: "fused" (StarModule(backend="triton"): kernels/star_triton.py), "eager"
+(StarModule(backend="torch"): kernels/reference.py), "compile" (torch.compile of the eager module).
+
+Defaults put the headline first (bf16, fwd+bwd, batch 128), and the JSON is rewritten after
+every shape, so a run cut short keeps what it measured.
+
+The floor is the larger of
+    bytes / measured bandwidth     bytes: h in and h' out (plus dy in and dh out for the backward,
+                                   the state in and out for a step), the weights once (and their
+                                   gradients once); bandwidth: a 1 GiB device-to-device copy
+    FLOPs / measured matmul rate   FLOPs: the five d x d products per position, 2 d^2 each
+                                   (three times that with the backward: dX and dW); rate: an
+                                   8192^3 matmul in the same precision
+and the table says which binds. Times are medians of triton.testing.do_bench (CUDA events,
+L2 flushed before each call). Without a CUDA GPU the script says so and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+
+PRECISIONS = {  # name: (dtype name, torch.set_float32_matmul_precision)
+    "fp32": ("float32", "highest"),
+    "tf32": ("float32", "high"),
+    "bf16": ("bfloat16", "highest"),
+}
+
+
+@dataclass
+class Row:
+    precision: str
+    mode: str
+    batch: int
+    time: int
+    provider: str
+    ms: float
+    gbps: float  # floor bytes / time
+    tflops: float  # floor FLOPs / time
+    vs_eager: float  # eager time / this time
+    vs_floor: float  # this time / floor
+    memory_floor_ms: float  # floor bytes / measured copy bandwidth
+    compute_floor_ms: float  # floor FLOPs / measured matmul rate
+    bound: str  # the larger floor: "memory" or "compute"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--batches", default="128,16,1", help="comma-separated batch sizes (default 128,16,1)")
+    p.add_argument("--time", type=int, default=41, help="decoder positions for fwd and fwd+bwd (default 41)")
+    p.add_argument("--d", type=int, default=512, help="model width (default 512)")
+    p.add_argument("--precisions", default="bf16,fp32,tf32", help=f"comma-separated, from {','.join(PRECISIONS)}")
+    p.add_argument("--modes", default="fwd+bwd,fwd,step", help="comma-separated, from fwd,fwd+bwd,step")
+    p.add_argument("--compile-batches", default="128",
+                   help="batch sizes that also time torch.compile (each compiles anew: ~10 s); 'none' for none")
+    p.add_argument("--min-block-m", default="",
+                   help="extra fused rows with star_triton.MIN_BLOCK_M set to each value (a tuning sweep)")
+    p.add_argument("--profile", action="store_true",
+                   help="also list the GPU kernels of one fused and one eager fwd+bwd "
+                        "(first precision, largest batch)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    args = p.parse_args(argv)
+
+    def ints(text: str, name: str) -> list[int]:
+        try:
+            values = [int(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"--{name} takes comma-separated integers, got {text!r}")
+        if any(v < 1 for v in values):
+            p.error(f"--{name} values must be positive, got {text!r}")
+        return values
+
+    args.batches = ints(args.batches, "batches")
+    args.compile_batches = [] if args.compile_batches == "none" else ints(args.compile_batches, "compile-batches")
+    args.min_block_m = ints(args.min_block_m, "min-block-m")
+    args.precisions = [x for x in args.precisions.split(",") if x]
+    args.modes = [x for x in args.modes.split(",") if x]
+    if bad := [x for x in args.precisions if x not in PRECISIONS]:
+        p.error(f"unknown precision {bad[0]!r}; choose from {', '.join(PRECISIONS)}")
+    if bad := [x for x in args.modes if x not in ("fwd", "fwd+bwd", "step")]:
+        p.error(f"unknown mode {bad[0]!r}; choose from fwd, fwd+bwd, step")
+    if args.time < 1 or args.d < 16 or not args.batches:
+        p.error("--time must be >= 1, --d >= 16 and --batches non-empty")
+    return args
+
+
+def measure_ceilings(torch, do_bench, precisions: list[str]) -> dict:
+    """Copy bandwidth (bytes read + written) and matmul rate per precision, on random data."""
+    n = 1 << 28  # 1 GiB of float32: far past the 50-60 MB L2
+    src = torch.randn(n, device="cuda")
+    dst = torch.empty_like(src)
+    out = {"bandwidth_gbps": 2 * src.numel() * 4 / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6}
+    del src, dst
+    for name in precisions:
+        dtype, mm_precision = PRECISIONS[name]
+        torch.set_float32_matmul_precision(mm_precision)
+        a = torch.randn(8192, 8192, device="cuda").to(getattr(torch, dtype))
+        b = torch.randn(8192, 8192, device="cuda").to(getattr(torch, dtype))
+        out[f"matmul_tflops_{name}"] = 2 * 8192**3 / do_bench(lambda: a @ b, return_mode="median") / 1e9
+        torch.set_float32_matmul_precision("highest")
+    return out
+
+
+def work(mode: str, B: int, T: int, d: int, elem: int) -> tuple[float, float]:
+    """(bytes, FLOPs) of the floor for one call (gate_hidden = refine_hidden = d)."""
+    weights = (5 * d * d + 6 * d) * elem  # W_a, W_g1, W_g2, W_p1, W_p2, five biases and q
+    if mode == "step":
+        return 2 * B * d * elem + 2 * (B * d + 2 * B) * 4 + weights, 10 * B * d * d
+    M = B * T
+    if mode == "fwd":
+        return 2 * M * d * elem + weights, 10 * M * d * d
+    return 4 * M * d * elem + 2 * weights, 30 * M * d * d
+
+
+def profile_kernels(torch, fn, steps: int = 5) -> list[dict]:
+    """GPU time per kernel name over `steps` calls of fn (after one warm-up call), largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            fn()
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        us = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if us > 0 and str(getattr(e, "device_type", "CUDA")).endswith("CUDA"):  # kernels, not the ops around them
+            rows.append({"kernel": e.key[:90], "us_per_call": us / steps, "launches_per_call": e.count / steps})
+    return sorted(rows, key=lambda r: -r["us_per_call"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("No CUDA GPU here: the kernel benchmark needs one. The kernels' correctness tests run on "
+              "the CPU under Triton's interpreter: pytest tests/test_kernel.py")
+        return 0
+    import triton
+    from rich.console import Console
+    from rich.table import Table
+    from triton.testing import do_bench
+
+    from star_kernels import star_triton
+    from star_kernels.reference import StarModule, empty_state
+
+    console = Console(width=160)  # the table has 12 columns; logs are not terminals
+    if args.time > star_triton.MAX_T:
+        console.print(f"[red]--time {args.time} is past the fused kernel's limit of {star_triton.MAX_T}")
+        return 2
+    ceilings = measure_ceilings(torch, do_bench, args.precisions)
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "ceilings": ceilings, "rows": [],
+    }
+    rows: list[Row] = []
+    default_min_bm = star_triton.MIN_BLOCK_M
+
+    for name in args.precisions:
+        dtype_name, mm_precision = PRECISIONS[name]
+        dtype = getattr(torch, dtype_name)
+        torch.set_float32_matmul_precision(mm_precision)
+        elem = torch.finfo(dtype).bits // 8
+        for mode in args.modes:
+            for B in args.batches:
+                T = 1 if mode == "step" else args.time
+                eager = StarModule(args.d, backend="torch").to("cuda", dtype)
+                fused = StarModule(args.d, backend="triton").to("cuda", dtype)
+                fused.load_state_dict(eager.state_dict())
+                providers = {"eager": (eager, eager.step), "fused": (fused, fused.step)}
+                if B in args.compile_batches:
+                    providers["compile"] = (torch.compile(eager, dynamic=False),
+                                            torch.compile(eager.step, dynamic=False))
+                h = torch.randn(B, T, args.d, device="cuda", dtype=dtype)
+                h0 = h[:, 0].contiguous()
+                mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
+                mask[B // 2:, T - T // 4:] = False  # padded tails, as in a batch of replies
+                dy = torch.randn_like(h)
+                state = empty_state(B, args.d, device="cuda", dtype=dtype)  # the reference steps in h's dtype
+                params = list(eager.parameters()) + list(fused.parameters())
+
+                def timed(forward, step, mode=mode, h=h, h0=h0, mask=mask, dy=dy, state=state, params=params):
+                    grads = None
+                    if mode == "step":
+                        fn = torch.no_grad()(lambda: step(h0, state))
+                    elif mode == "fwd":
+                        fn = torch.no_grad()(lambda: forward(h, mask))
+                    else:
+                        hg = h.detach().requires_grad_()
+                        fn, grads = (lambda: forward(hg, mask).backward(dy)), [hg, *params]
+                    return do_bench(fn, grad_to_none=grads, return_mode="median")
+
+                nbytes, flops = work(mode, B, T, args.d, elem)
+                memory_ms = nbytes / ceilings["bandwidth_gbps"] / 1e6
+                compute_ms = flops / ceilings[f"matmul_tflops_{name}"] / 1e9
+                floor_ms, bound = max((memory_ms, "memory"), (compute_ms, "compute"))
+                times = {label: timed(*fns) for label, fns in providers.items()}
+                for bm in args.min_block_m:
+                    if max(bm, triton.next_power_of_2(T)) == max(default_min_bm, triton.next_power_of_2(T)):
+                        continue  # same row block as the default
+                    star_triton.MIN_BLOCK_M = bm
+                    try:
+                        times[f"fused bm>={bm}"] = timed(fused, fused.step)
+                    finally:
+                        star_triton.MIN_BLOCK_M = default_min_bm
+                for label, ms in times.items():
+                    row = Row(name, mode, B, T, label, ms, nbytes / ms / 1e6, flops / ms / 1e9,
+                              times["eager"] / ms, ms / floor_ms, memory_ms, compute_ms, bound)
+                    rows.append(row)
+                    report["rows"].append(asdict(row))
+                if args.json:  # after every shape, so a run cut short still leaves its numbers
+                    write_json(args.json, report)
+                console.print(f"[dim]{name} {mode} B={B}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()))
+    torch.set_float32_matmul_precision("highest")
+
+    if args.profile:
+        name = args.precisions[0]
+        dtype_name, mm_precision = PRECISIONS[name]
+        torch.set_float32_matmul_precision(mm_precision)
+        B, dtype = max(args.batches), getattr(torch, dtype_name)
+        h = torch.randn(B, args.time, args.d, device="cuda", dtype=dtype, requires_grad=True)
+        dy = torch.randn_like(h)
+        report["profile"] = {"precision": name, "batch": B}
+        for backend in ("triton", "torch"):
+            mod = StarModule(args.d, backend=backend).to("cuda", dtype)
+            kernels = profile_kernels(torch, lambda: mod(h, None).backward(dy))
+            report["profile"][backend] = kernels
+            table = Table(title=f"fwd+bwd kernels, backend={backend}, {name}, B={B}, T={args.time}: "
+                                f"{sum(k['us_per_call'] for k in kernels):.1f} us GPU time per call")
+            for col in ("kernel", "us/call", "launches/call"):
+                table.add_column(col)
+            for k in kernels[:12]:
+                table.add_row(k["kernel"], f"{k['us_per_call']:.1f}", f"{k['launches_per_call']:.0f}")
+            console.print(table)
+        torch.set_float32_matmul_precision("highest")
+        if args.json:
+            write_json(args.json, report)
+
+    console.print(f"\n{report['device']}, {report['date']}: copy {ceilings['bandwidth_gbps']:.0f} GB/s; "
+                  + ", ".join(f"{k.split('_')[-1]} matmul {v:.0f} TFLOP/s"
+                              for k, v in ceilings.items() if k.startswith("matmul")))
+    table = Table(title=f"STAR module, d={args.d}, time {args.time} (step: 1)")
+    for col in ("precision", "mode", "B", "provider", "ms", "GB/s", "TFLOP/s", "x eager",
+                "mem floor ms", "flop floor ms", "x floor", "bound"):
+        table.add_column(col, justify="left" if col in ("precision", "mode", "provider", "bound") else "right")
+    for r in rows:
+        table.add_row(r.precision, r.mode, str(r.batch), r.provider, f"{r.ms:.3f}", f"{r.gbps:.0f}", f"{r.tflops:.1f}",
+                      f"{r.vs_eager:.2f}", f"{r.memory_floor_ms:.4f}", f"{r.compute_floor_ms:.4f}",
+                      f"{r.vs_floor:.2f}", r.bound)
+    console.print(table)
+    return 0
+
+
+def write_json(path: str, report: dict) -> None:
+    """Atomic: a temp file beside the target, then os.replace."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
