@@ -1,0 +1,241 @@
+"""The bundle's two graphs: the encoder (once per turn) and the decoder step (once per token).
+
+encoder.onnx, once per turn (S = context length <= 160):
+
+    x    = LN_emb(E[ids] * sqrt(d) + P_enc[0:S])                               [B, S, d]
+    x    = encoder layers (post-LN: x = LN(x + Attn(x)); x = LN(x + FFN(x)))   [B, S, d]
+    K, V = x @ W_kv + b_kv, for every decoder layer's cross-attention          [B, N, S, H] each
+
+decoder_step.onnx, once per decoder position t (B sequences, one token each):
+
+    x    = LN_emb(E[id_t]) + P_dec[t]                  (no sqrt(d): see step_graph)  [B, 1, d]
+    x    = decoder layers: self-attention over the KV cache (past + this position), cross-attention
+           over the encoder's K, V, FFN; each post-LN                           [B, 1, d]
+    hidden = h = x                                                              [B, d]   (output)
+    h'   = STAR.step(h, (m, l, a))                                              [B, d]   (h' = h without STAR)
+    logits = h' @ E^T + b                                                       [B, V]   (read at t >= 1)
+
+The strategy logits, h_0 @ E[strategy ids]^T + b[strategy ids] (8 x d, once per reply), are
+computed by the runtime from `hidden` at t = 0 (star_runtime.engine.StrategyHead): in the graph
+they would cost a Gather and a Gemm at every position.
+
+STAR's streaming pool (kernels/reference.py, StarModule.step) with m, l kept [B, 1]:
+
+    s  = tanh(h W_a + b_a) q;   m' = max(m, s);   l' = l e^{m-m'} + e^{s-m'}
+    a' = a e^{m-m'} + e^{s-m'} h;   z = a' / l'
+    g  = sigmoid(relu(z W_g1 + b_g1) W_g2 + b_g2);   hhat = relu(z W_p1 + b_p1) W_p2 + b_p2
+    h' = h + g (hhat - h)                                  (= g hhat + (1 - g) h)
+
+Tensor names follow optimum's scheme (`past_key_values.{i}.decoder.key`, `present.{i}...`) so
+the graphs read like optimum's in benchmarks/. Ops are onnxruntime's fused ones: a decoder layer
+is 14 nodes (6 MatMul, 2 MultiHeadAttention, 3 SkipLayerNormalization, BiasGelu, a Split of
+q|k|v and the Add of the cross-attention query's bias): 152 nodes for the 90M step graph with
+STAR, where optimum's decoder_with_past_model has 1,387. onnxruntime's transformer optimizer
+(model_type "bart") finds nothing left to fuse in either graph. With int8
+weights each MatMul is a DynamicQuantizeMatMul in the encoder and a MatMulNBits in the
+step graph (weights.py says why).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from star_export.graph_builder import MS_DOMAIN, GraphBuilder
+from star_export.weights import EMBED, EMBED_SCALE, EMBED_T, LM_BIAS, Dims
+
+
+def kv_names(i: int, kind: str) -> tuple[str, str, str, str]:
+    """(past key, past value, present key, present value) names of layer i's `kind` attention."""
+    return (f"past_key_values.{i}.{kind}.key", f"past_key_values.{i}.{kind}.value",
+            f"present.{i}.{kind}.key", f"present.{i}.{kind}.value")
+
+
+STAR_STATE = ("max", "norm", "sum")  # m [B, 1], l [B, 1], a [B, d]
+
+
+class _Ops:
+    """The graph pieces, for one precision: float32, float16 (CUDA) or int8 weights."""
+
+    def __init__(self, b: GraphBuilder, dims: Dims, precision: str) -> None:
+        self.b, self.dims, self.precision = b, dims, precision
+        self.float = np.float16 if precision == "float16" else np.float32
+
+    def matmul(self, x: str, name: str, bias: str | None = None) -> str:
+        """x @ W (+ bias, else the next op adds it); int8 in either format of weights.py."""
+        b = self.b
+        if self.precision != "int8":
+            return b.op("MatMul", [x, b.weight(name)])
+        stored = b.weights.tensors[name]
+        if stored.dtype == np.int8:  # [K, N], per-column scales
+            return b.op("DynamicQuantizeMatMul", [x, b.weight(name), b.weight(name + ".scale"), "", bias or ""],
+                        domain=MS_DOMAIN)
+        n, blocks, size = stored.shape  # uint8 [N, K/B, B]
+        return b.op("MatMulNBits", [x, b.weight(name), b.weight(name + ".scale"), "", "", bias or ""],
+                    domain=MS_DOMAIN, K=blocks * size, N=n, bits=8, block_size=size, accuracy_level=4)
+
+    def dense(self, x: str, name: str) -> str:
+        """x @ W + bias: one int8 op with its bias, else MatMul + Add (which onnxruntime fuses
+        into one Gemm when x is 2-D, as in STAR)."""
+        b = self.b
+        if self.precision == "int8":
+            return self.matmul(x, name, b.weight(name + ".bias"))
+        return b.op("Add", [b.op("MatMul", [x, b.weight(name)]), b.weight(name + ".bias")])
+
+    def embed(self, ids: str, scale: float = 1.0) -> str:
+        """E[ids] * scale for ids [B, S]: [B, S, d].
+
+        float: columns of the input E^T (Gather on axis 1, then [d, B, S] -> [B, S, d]);
+        int8: rows of E_q [V, d/B, B], dequantized: (q - 128) * scale of each block.
+        """
+        b = self.b
+        if self.precision == "int8":
+            rows = b.op("Add", [b.op("Cast", [b.op("Gather", [b.weight(EMBED), ids])], to=1),  # to=1: float32
+                                b.const([-128.0], np.float32)])  # [B, S, d/B, B]
+            scales = b.op("Unsqueeze", [b.op("Gather", [b.weight(EMBED_SCALE), ids]), b.const([-1])])  # [B, S, d/B, 1]
+            rows = b.op("Reshape", [b.op("Mul", [rows, scales]), b.const([0, 0, -1])])
+        else:
+            rows = b.op("Transpose", [b.op("Gather", [self.embedding_t(), ids], axis=1)], perm=[1, 2, 0])
+        return rows if scale == 1.0 else b.op("Mul", [rows, b.const([scale], self.float)])
+
+    def embedding_t(self) -> str:
+        """The float graphs' E^T [d, V]: a graph INPUT, which the runtime binds to one array that
+        both graphs share. As an input it is never prepacked, so memory holds it once (a prepacked
+        copy would add 112 MB for the 90M model and was no faster: 6.2 ms against 5.9 ms)."""
+        if not any(i.name == EMBED_T for i in self.b.inputs):
+            self.b.input(EMBED_T, self.float, [self.dims.d_model, self.dims.vocab_size])
+        return EMBED_T
+
+    def lm_head(self, h: str) -> str:
+        """h @ E^T + b for h [B, d]: [B, V]."""
+        b = self.b
+        if self.precision == "int8":
+            return self.matmul(h, EMBED, b.weight(LM_BIAS))
+        return b.op("Add", [b.op("MatMul", [h, self.embedding_t()]), b.weight(LM_BIAS)])
+
+    def skip_norm(self, x: str, skip: str, norm: str, bias: str) -> str:
+        """LN(x + bias + skip): the residual add, the matmul's bias and the post-LN in one op."""
+        b = self.b
+        return b.op("SkipLayerNormalization",
+                    [x, skip, b.weight(norm + ".gamma"), b.weight(norm + ".beta"), b.weight(bias)],
+                    domain=MS_DOMAIN, epsilon=self.dims.layer_norm_eps)
+
+    def layer_norm(self, x: str, norm: str) -> str:
+        b = self.b
+        return b.op("LayerNormalization", [x, b.weight(norm + ".gamma"), b.weight(norm + ".beta")],
+                    axis=-1, epsilon=self.dims.layer_norm_eps)
+
+    def ffn(self, x: str, prefix: str, norm: str) -> str:
+        """LN(x + fc2(gelu(fc1(x))))."""
+        h = self.b.op("BiasGelu", [self.matmul(x, prefix + ".fc1"), self.b.weight(prefix + ".fc1.bias")],
+                      domain=MS_DOMAIN)
+        return self.skip_norm(self.matmul(h, prefix + ".fc2"), x, norm, prefix + ".fc2.bias")
+
+    def self_attention(self, x: str, prefix: str, heads: int, past: tuple[str, str] | None = None,
+                       present: tuple[str, str] | None = None) -> str:
+        """Attention output [B, S, d] before out_proj; with `past`, the KV cache grows by S positions."""
+        b = self.b
+        q, k, v = b.op("Split", [self.matmul(x, prefix)], 3, axis=2)
+        if past is None:
+            return b.op("MultiHeadAttention", [q, k, v, b.weight(prefix + ".bias")], domain=MS_DOMAIN,
+                        num_heads=heads)
+        return b.op("MultiHeadAttention", [q, k, v, b.weight(prefix + ".bias"), "", "", *past],
+                    [b.fresh("attn"), *present], domain=MS_DOMAIN, num_heads=heads)[0]
+
+
+def encoder_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
+    """Context ids [B, S] -> the cross-attention K, V of every decoder layer, [B, N, S, H] each.
+
+    The rows of a batch must have the same length (no padding mask: the runtime runs batch 1).
+    """
+    o = _Ops(b, dims, precision)
+    ids = b.input("input_ids", np.int64, ["batch", "source"])
+    with b.named("embed"):
+        length = b.op("Slice", [b.op("Shape", [ids]), b.const([1]), b.const([2])])  # [1] = S
+        pos = b.op("Slice", [b.weight("enc.pos"), b.const([0]), length, b.const([0])])  # [S, d]
+        x = b.op("SkipLayerNormalization", [o.embed(ids, dims.embed_scale), pos, b.weight("enc.ln_emb.gamma"),
+                                            b.weight("enc.ln_emb.beta")], domain=MS_DOMAIN, epsilon=dims.layer_norm_eps)
+    for i in range(dims.encoder_layers):
+        p = f"enc.{i}"
+        with b.named(p + ".attn"):
+            a = o.self_attention(x, p + ".qkv", dims.encoder_heads)
+            x = o.skip_norm(o.matmul(a, p + ".out"), x, p + ".ln1", p + ".out.bias")
+        with b.named(p + ".ffn"):
+            x = o.ffn(x, p, p + ".ln2")
+    n, hd = dims.decoder_heads, dims.d_model // dims.decoder_heads
+    names = [name for i in range(dims.decoder_layers) for name in kv_names(i, "encoder")[2:]]
+    with b.named("cross_kv"):
+        kv = o.dense(x, "dec.cross_kv")  # [B, S, 2 L d]
+        kv = b.op("Reshape", [kv, b.const([0, 0, 2 * dims.decoder_layers * n, hd])])  # [B, S, 2 L N, H]
+        kv = b.op("Transpose", [kv], perm=[0, 2, 1, 3])  # [B, 2 L N, S, H]
+        b.op("Split", [kv], names, axis=1)
+    for name in names:
+        b.output(name, name, o.float, ["batch", n, "source", hd])
+
+
+def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
+    """One decoder position for B sequences: see the module docstring."""
+    o = _Ops(b, dims, precision)
+    d, n = dims.d_model, dims.decoder_heads
+    hd = d // n
+    ids = b.input("input_ids", np.int64, ["batch", 1])
+    position = b.input("position", np.int64, [1])
+    for i in range(dims.decoder_layers):
+        for kind, length in (("decoder", "past"), ("encoder", "source")):
+            for name in kv_names(i, kind)[:2]:
+                b.input(name, o.float, ["batch", n, length, hd])
+    state = [b.input(f"past_star.{s}", o.float, ["batch", d if s == "sum" else 1]) for s in STAR_STATE]
+
+    # transformers' BlenderBot-Small decoder (4.57) neither scales the embedding by sqrt(d) (the
+    # encoder does) nor adds positions before its LN; with embeddings of std 0.02 the LN's eps
+    # makes the scale visible (1e-4 on the logits), so the graph follows the code exactly.
+    with b.named("embed"):
+        x = o.layer_norm(o.embed(ids), "dec.ln_emb")
+        x = b.op("Add", [x, b.op("Gather", [b.weight("dec.pos"), position])])  # [B, 1, d] + [1, d]
+    presents = []
+    for i in range(dims.decoder_layers):
+        p = f"dec.{i}"
+        pk, pv, ck, cv = kv_names(i, "decoder")
+        ek, ev, _, _ = kv_names(i, "encoder")
+        presents += [ck, cv]
+        with b.named(p + ".self_attn"):
+            a = o.self_attention(x, p + ".self_qkv", n, past=(pk, pv), present=(ck, cv))
+            x = o.skip_norm(o.matmul(a, p + ".self_out"), x, p + ".ln1", p + ".self_out.bias")
+        with b.named(p + ".cross_attn"):
+            # The bias goes on q before the op: MultiHeadAttention with pre-projected [B, N, S, H] keys
+            # and values takes no bias in older onnxruntime releases (and their CUDA kernels).
+            a = b.op("MultiHeadAttention", [o.dense(x, p + ".cross_q"), ek, ev], domain=MS_DOMAIN, num_heads=n)
+            x = o.skip_norm(o.matmul(a, p + ".cross_out"), x, p + ".ln2", p + ".cross_out.bias")
+        with b.named(p + ".ffn"):
+            x = o.ffn(x, p, p + ".ln3")
+    h = b.op("Reshape", [x, b.const([-1, d])])  # [B, d]
+    with b.named("star"):
+        fused, new_state = _star_step(o, h, state) if dims.use_star else (h, state)
+    with b.named("lm_head"):
+        logits = o.lm_head(fused)  # [B, V]
+    if o.float is np.float16:  # the host reads float32
+        logits, h = (b.op("Cast", [t], to=1) for t in (logits, h))
+    b.output(logits, "logits", np.float32, ["batch", dims.vocab_size])
+    b.output(h, "hidden", np.float32, ["batch", d])
+    for name in presents:
+        b.output(name, name, o.float, ["batch", n, "past_plus_one", hd])
+    for s, value in zip(STAR_STATE, new_state):
+        b.output(value, f"present_star.{s}", o.float, ["batch", d if s == "sum" else 1])
+
+
+def _star_step(o: _Ops, h: str, state: list[str]) -> tuple[str, list[str]]:
+    """h' and the new pooling state (module docstring); h [B, d]."""
+    b = o.b
+    m, l, a = state
+    s = b.op("MatMul", [b.op("Tanh", [o.dense(h, "star.score")]), b.weight("star.score_vec")])  # [B, 1]
+    m2 = b.op("Max", [m, s])
+    keep, new = b.op("Exp", [b.op("Sub", [m, m2])]), b.op("Exp", [b.op("Sub", [s, m2])])  # [B, 1]
+    l2 = b.op("Add", [b.op("Mul", [l, keep]), new])
+    a2 = b.op("Add", [b.op("Mul", [a, keep]), b.op("Mul", [h, new])])  # [B, d]
+    z = b.op("Div", [a2, l2])
+    u = b.op("Relu", [o.dense(z, "star.fc1")])  # [B, gh + rh]
+    ug, up = b.op("Split", [u, b.const([o.dims.gate_hidden, o.dims.refine_hidden])], 2, axis=1)
+    g = b.op("Sigmoid", [o.dense(ug, "star.gate_fc2")])  # [B, d] or [B, 1]
+    refined = o.dense(up, "star.refine_fc2")  # [B, d]
+    fused = b.op("Add", [h, b.op("Mul", [g, b.op("Sub", [refined, h])])])
+    return fused, [m2, l2, a2]
+

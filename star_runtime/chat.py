@@ -1,0 +1,353 @@
+"""star-chat: talk to a STAR bundle in a terminal, or drive it line by line from a program.
+
+    star-chat [--model BUNDLE] [--device cpu|cuda] [--seed N] [--situation TEXT] [--greedy]
+              [--show-probs] [--timings] [--safety-config FILE] [--locale L]
+
+Which bundle: `--model BUNDLE`; else `$STAR_BUNDLE`; else the default bundle installed with the
+package, the folder `star_runtime/data/default_bundle/` (package data; issue 8 ships the trained
+STAR int8 bundle there). With none of them star-chat prints one line saying how to build a bundle
+(star-train, then star-export). A missing or broken bundle, an unusable device or a bad
+`--safety-config` file is one line on stderr too. Exit codes: 0 a normal end, 1 one of those
+problems, 2 bad arguments (argparse), 130 Ctrl-C while loading or in the non-interactive mode.
+
+Safety comes from the runtime (`star_runtime.safety` inside `Conversation.reply`): a message in
+crisis is answered with a fixed message and the crisis resources of `--locale` from
+`--safety-config` (default: the built-in list), a model reply that encourages harm is replaced by
+that message, and both come back with `Reply.escalated` set. star-chat only shows them.
+
+Two modes, chosen by whether stdin is a terminal:
+
+- Interactive (stdin is a TTY). A banner names the bundle (path, model config from its manifest),
+  the device, and says that this is a support tool, not a substitute for professional help. Reply
+  tokens stream as the runtime generates them (its `on_token` callback); each reply ends with a
+  line giving its strategy, with its timings under `--timings`, and the strategy probabilities
+  follow under `--show-probs`. An escalated reply is shown in a red panel in place of the streamed
+  text (a replaced model reply does not stay on screen). Commands: /help, /reset, /situation TEXT,
+  /strategy, /save FILE, /quit. Ctrl-C during a reply ends that reply (the callback returns False)
+  and the session goes on; Ctrl-C or Ctrl-D at the prompt ends the session with exit code 0.
+  Nothing is written to disk unless /save asks (a transcript: star_runtime/transcript.py).
+- Non-interactive (stdin is a pipe or a file). Every input line is one message of one
+  conversation, and every input line gets exactly one JSON line on stdout, flushed at once, so a
+  program can pair outputs with inputs and wait for each:
+  `{"reply", "strategy", "strategy_probs", "escalated", "timings"}` (star_runtime.transcript
+  .reply_record), or `{"error": "..."}` for a line the runtime refuses: an empty or
+  whitespace-only line gets `{"error": "empty message"}` rather than being skipped, to keep the
+  pairing. Commands are not read there (a line starting with "/" is a message), and nothing but
+  the JSON lines goes to stdout (no banner). Input and output are UTF-8 whatever the locale;
+  undecodable bytes become U+FFFD.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import threading
+from importlib import resources
+from pathlib import Path
+from typing import TextIO
+
+from rich.console import Console
+from rich.live import Live
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from star_runtime import Reply, Runtime
+from star_runtime.safety import SafetyPolicy
+from star_runtime.transcript import Transcript, reply_record
+
+BUNDLE_ENV = "STAR_BUNDLE"
+PACKAGED_BUNDLE = ("data", "default_bundle")  # star_runtime/data/default_bundle/, issue 8 ships it
+
+NO_BUNDLE = (
+    "no model to load: pass --model BUNDLE, set $STAR_BUNDLE, or build a bundle with "
+    "`star-train --stage single --preset compact --out runs/star` then "
+    "`star-export --checkpoint runs/star/best --out bundle`"
+)
+
+DISCLAIMER = (
+    "STAR is an automated support tool, not a clinician, and not a substitute for professional "
+    "help. If you or someone else is in danger, contact your local emergency services."
+)
+
+COMMANDS = {
+    "/help": "show this list",
+    "/reset": "start a new conversation (same situation and seed)",
+    "/situation TEXT": "set the situation and start a new conversation (alone: show it)",
+    "/strategy": "show the last reply's strategy probabilities",
+    "/save FILE": "write this session's transcript to FILE as JSON",
+    "/quit": "end the session (so do Ctrl-D and Ctrl-C at the prompt)",
+}
+
+
+class ChatError(Exception):
+    """A problem the user can fix (no bundle, a broken one, a bad safety file): one line, exit 1."""
+
+
+# --------------------------------------------------------------------------------------------
+# Choosing and loading the bundle
+# --------------------------------------------------------------------------------------------
+
+
+def default_bundle() -> Path | None:
+    """The bundle to open without --model: $STAR_BUNDLE, else the packaged one, else None."""
+    if env := os.environ.get(BUNDLE_ENV):
+        return Path(env).expanduser()
+    packaged = Path(str(resources.files("star_runtime").joinpath(*PACKAGED_BUNDLE)))
+    return packaged if packaged.is_dir() else None
+
+
+def load_runtime(args: argparse.Namespace) -> Runtime:
+    """Open the bundle the arguments name, with their safety policy; failures become ChatError."""
+    path = Path(args.model).expanduser() if args.model else default_bundle()
+    if path is None:
+        raise ChatError(NO_BUNDLE)
+    try:
+        safety = SafetyPolicy.load(args.safety_config, args.locale)
+        return Runtime.load(path, device=args.device, safety=safety)
+    # BundleError, DeviceError and SafetyConfigError are ValueErrors whose message names the
+    # file and the problem.
+    except (OSError, ValueError) as err:
+        raise ChatError(str(err)) from None
+
+
+# --------------------------------------------------------------------------------------------
+# Non-interactive mode: JSON lines
+# --------------------------------------------------------------------------------------------
+
+
+def run_pipe(rt: Runtime, args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> int:
+    """One JSON line out for every line in (module docstring)."""
+    conv = rt.conversation(situation=args.situation, seed=args.seed, do_sample=False if args.greedy else None)
+    for line in stdin:
+        try:
+            out = reply_record(conv.reply(line.rstrip("\r\n")))
+        except ValueError as err:  # the runtime refuses the message ("empty message")
+            out = {"error": str(err)}
+        stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
+        stdout.flush()  # the program driving us waits for this line before it sends the next
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
+# Interactive mode
+# --------------------------------------------------------------------------------------------
+
+
+class Session:
+    """The interactive loop: read a line, run a command or reply to it with streamed tokens."""
+
+    def __init__(self, rt: Runtime, args: argparse.Namespace, console: Console) -> None:
+        self.rt, self.args, self.console = rt, args, console
+        self.situation: str | None = args.situation
+        self.transcript = Transcript(model=str(Path(rt.path).resolve()), device=rt.device)
+        self.new_conversation()
+
+    def new_conversation(self) -> None:
+        self.conv = self.rt.conversation(situation=self.situation, seed=self.args.seed,
+                                         do_sample=False if self.args.greedy else None)
+        self.transcript.new_conversation(self.situation, self.args.seed)
+        self.last_reply: Reply | None = None
+
+    def run(self) -> int:
+        """Until /quit, Ctrl-D or Ctrl-C outside a reply; always exit code 0."""
+        try:
+            while True:
+                line = self.console.input("[bold green]you[/]> ")
+                if line.strip().startswith("/"):
+                    if not self.command(line.strip()):
+                        return 0
+                elif line.strip():
+                    self.say(line)
+        except (EOFError, KeyboardInterrupt):
+            self.console.print()
+            return 0
+
+    def command(self, line: str) -> bool:
+        """Run one command; False means end the session."""
+        name, *rest = line.split(maxsplit=1)
+        arg = rest[0].strip() if rest else ""
+        echo = self.console.print
+        if name == "/quit":
+            return False
+        if name == "/help":
+            table = Table.grid(padding=(0, 2))
+            for cmd, what in COMMANDS.items():
+                table.add_row(Text(cmd, style="bold"), what)
+            echo(table)
+        elif name == "/reset":
+            self.new_conversation()
+            echo("[dim]new conversation[/]")
+        elif name == "/situation" and arg:
+            self.situation = arg
+            self.new_conversation()
+            echo("[dim]situation set; new conversation[/]")
+        elif name == "/situation":
+            echo(Text.assemble(("situation: ", "dim"), self.situation or "(none)"))
+        elif name == "/strategy":
+            if self.last_reply is None:
+                echo("[dim]no reply yet in this conversation[/]")
+            elif not self.last_reply.strategy_probs:
+                echo("[dim]the last reply came from the safety layer; the model did not run[/]")
+            else:
+                echo(probs_table(self.last_reply.strategy_probs))
+        elif name == "/save" and arg:
+            try:
+                path = self.transcript.save(arg)
+            except OSError as err:
+                echo(Text(f"cannot save to {arg}: {err.strerror or err}", style="red"))
+            else:
+                echo(Text(f"transcript saved to {path}", style="dim"))
+        elif name == "/save":
+            echo("[red]usage: /save FILE[/]")
+        else:
+            echo(Text.assemble((f"unknown command {name}", "red"), "; /help lists them"))
+        return True
+
+    def say(self, text: str) -> None:
+        """Reply to `text`: stream the tokens, then show the reply as it stands."""
+        stop = threading.Event()
+        streamed = Text()
+        try:
+            # transient: the streamed text is erased and the final reply printed in its place,
+            # so a reply that the safety screen replaced does not stay on screen.
+            with _ctrl_c_sets(stop), Live(streamed, console=self.console, auto_refresh=False,
+                                          transient=True) as live:
+
+                def on_token(piece: str) -> bool:
+                    streamed.append(piece)
+                    live.refresh()
+                    return not stop.is_set()  # False ends the reply at this token
+
+                reply = self.conv.reply(text, on_token=on_token)
+        except ValueError as err:  # a message the runtime refuses
+            self.console.print(Text(str(err), style="red"))
+            return
+        self.last_reply = reply
+        self.transcript.add_turn(text, reply)
+        self.show(reply, stopped=stop.is_set())
+
+    def show(self, reply: Reply, *, stopped: bool) -> None:
+        if reply.escalated:
+            self.console.print(Panel(Text(reply.text), title="please reach out to a person",
+                                     border_style="bold red", title_align="left"))
+        else:
+            self.console.print(Text.assemble(("star", "bold cyan"), "> ", reply.text))
+        if reply.strategy is None:
+            footer = "escalated: the safety layer answered; the model did not run"
+        else:
+            footer = f"strategy: {reply.strategy} ({reply.strategy_probs[reply.strategy]:.0%})"
+            if reply.escalated:
+                footer += " · escalated: the safety screen replaced the model's reply"
+        if stopped:
+            footer += " · stopped (Ctrl-C)"
+        if self.args.timings:
+            footer += " · " + format_timings(reply.timings)
+        self.console.print(Text(footer, style="dim"))
+        if self.args.show_probs and reply.strategy_probs:
+            self.console.print(probs_table(reply.strategy_probs))
+
+
+class _ctrl_c_sets:
+    """While active, Ctrl-C sets `event` (the reply stops at its next token) instead of raising."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __enter__(self) -> None:
+        self.previous = signal.signal(signal.SIGINT, lambda signum, frame: self.event.set())
+
+    def __exit__(self, *exc: object) -> None:
+        signal.signal(signal.SIGINT, self.previous)
+
+
+def probs_table(probs: dict[str, float]) -> Table:
+    """The strategy distribution, most likely first, with a bar per strategy."""
+    table = Table(show_header=False, box=None, padding=(0, 1))
+    for label, p in sorted(probs.items(), key=lambda kv: -kv[1]):
+        table.add_row(label, f"{p:6.1%}", "█" * round(20 * p))
+    return table
+
+
+def format_timings(t: dict[str, float]) -> str:
+    """'412 ms; 40 tokens, 9.1 ms/token, first at 51 ms' (keys: Reply.timings)."""
+    text = f"{t['reply_ms']:.0f} ms"
+    if t.get("tokens"):
+        text += f"; {t['tokens']:.0f} tokens, {t['per_token_ms']:.1f} ms/token, first at {t['first_token_ms']:.0f} ms"
+    return text
+
+
+def banner(rt: Runtime) -> Panel:
+    """Which model, on which device, and what it is not."""
+    cfg, precision = rt.manifest["model_config"], rt.manifest["precision"]
+    star = "STAR on" if cfg.get("star", {}).get("use_star", True) else "STAR off (BlenderBot-Joint)"
+    summary = (f"{cfg['model_type']}, {precision}, d_model {cfg['d_model']}, {cfg['encoder_layers']}+"
+               f"{cfg['decoder_layers']} layers, vocabulary {cfg['vocab_size']:,}, {star}")
+    body = Text.assemble(("model   ", "bold"), str(Path(rt.path).resolve()), "\n", ("config  ", "bold"), summary, "\n",
+                         ("device  ", "bold"), rt.device, "\n\n", (DISCLAIMER, "yellow"), "\n\n",
+                         ("/help lists the commands; Ctrl-D or /quit ends the session", "dim"))
+    return Panel(body, title="star-chat", border_style="cyan", title_align="left")
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _seed(text: str) -> int:
+    if not text.isdigit():  # numpy's generators take 0 .. 2**128 - 1
+        raise argparse.ArgumentTypeError(f"a seed is a non-negative integer, not {text!r}")
+    return int(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="star-chat",
+        description="Chat with a STAR emotional-support bundle. Interactive on a terminal; with stdin "
+        "from a pipe or file, one message per line in and one JSON object per line out.",
+    )
+    p.add_argument("--model", metavar="BUNDLE",
+                   help=f"bundle folder from star-export (default: ${BUNDLE_ENV}, else the installed default)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--seed", type=_seed, default=None, help="sampling seed: same seed and messages, same replies")
+    p.add_argument("--situation", metavar="TEXT", default=None, help="the seeker's situation, read before the dialogue")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of the paper's sampling")
+    p.add_argument("--show-probs", action="store_true", help="show the strategy probabilities after each reply")
+    p.add_argument("--timings", action="store_true", help="show how long each reply took")
+    p.add_argument("--safety-config", metavar="FILE", default=None,
+                   help='crisis resources: a JSON object of locale -> list of lines, with a "default" entry')
+    p.add_argument("--locale", metavar="L", default="default",
+                   help="which locale's crisis resources to give (e.g. en-GB; falls back to the language, then default)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    interactive = sys.stdin.isatty()
+    # Undecodable input becomes U+FFFD instead of a UnicodeDecodeError; a pipe speaks UTF-8
+    # whatever the locale, so emoji survive both ways.
+    sys.stdin.reconfigure(errors="replace", **({} if interactive else {"encoding": "utf-8"}))
+    try:
+        try:
+            rt = load_runtime(args)
+        except ChatError as err:
+            print("star-chat:", *str(err).split(), file=sys.stderr)  # one line, whatever onnxruntime says
+            return 1
+        if not interactive:
+            sys.stdout.reconfigure(encoding="utf-8")
+            return run_pipe(rt, args, sys.stdin, sys.stdout)
+        console = Console(highlight=False)
+        console.print(banner(rt))
+        return Session(rt, args, console).run()
+    except KeyboardInterrupt:  # while loading, or in pipe mode
+        return 130
+    except BrokenPipeError:  # the reader of our stdout went away (`star-chat < in | head -1`)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,229 @@
+"""onnxruntime sessions for a bundle's two graphs, and one decoding position at a time.
+
+    engine = Engine.open(folder, manifest, device="cpu")
+    run = engine.start(context_ids)                       # encoder once: cross K/V of every layer
+    run.step(bos_id); p = engine.strategy_logits(run.hidden)  # position 0: h_0 -> the strategy
+    logits = run.step(strategy_token)                     # position 1: h'_1 -> first response token
+    ...
+
+Memory: the token embedding, read by both graphs, is read once from weights.bin into one array
+that both sessions use: float bundles take E^T as a graph input (bound to the same value in every
+run, so never copied or prepacked), int8 bundles get E_q with `SessionOptions.add_initializer`.
+Every other weight belongs to one graph only. The strategy head (8 rows of the LM head, used once
+per reply) is taken from that array too: `StrategyHead`.
+
+A `DecodeRun` keeps one sequence's state on the device: the self-attention KV cache and STAR's
+pooling state go from one step's outputs to the next step's inputs through IO binding (on CUDA
+they never leave the GPU); the cross-attention K/V and the embedding are bound once per turn.
+The host reads only the logits and h, into buffers allocated once per run.
+
+Sessions are shared: onnxruntime's `run` may be called from several threads at once, and all
+per-sequence state is in the `DecodeRun`, so one `Engine` serves many conversations.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from star_runtime.bundle import PRECISIONS, BundleError, read_shared_tensors
+
+EMPTY_MAX = -1e30  # STAR's empty running max (kernels/reference.py); float16 clamps it to -65504
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+_HOST_OUTPUTS = ("logits", "hidden")  # the step graph's first outputs; the rest is recurrent state
+
+
+class DeviceError(BundleError):
+    """The requested device cannot run this bundle (no such provider, or the wrong precision)."""
+
+
+def session_options(threads: int | None = None, profile_prefix: str | None = None) -> ort.SessionOptions:
+    """Options for batch-1 decoding on a small CPU.
+
+    intra-op threads: one per core (2 on the dev machine); ops run one after the other (a step is
+    a chain of ops with no parallel branches worth a second pool). Idle pool threads sleep instead
+    of spinning: on the shared 2-core dev machine spinning made a fp32 step 1.5-2x slower (48
+    decoder matmuls: 13.9 ms spinning, 7.4 ms not), and a spinning thread steals the core the
+    app's own threads need.
+    """
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or os.cpu_count() or 1
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.log_severity_level = 3  # unused-initializer warnings are expected
+    if profile_prefix:
+        so.enable_profiling, so.profile_file_prefix = True, profile_prefix
+    return so
+
+
+def providers_for(device: str, precision: str, *, check_precision: bool = True) -> list[Any]:
+    """The onnxruntime providers for `device`, or a DeviceError that says what is missing.
+
+    check_precision=False lets a float16 bundle run on the CPU, where onnxruntime computes the
+    float16 ops in float32 through inserted Casts: slow, but the exporter's self-check uses it
+    on machines without CUDA.
+    """
+    if device not in _PROVIDERS:
+        raise DeviceError(f"unknown device {device!r}; choose 'cpu' or 'cuda'")
+    if check_precision and device not in PRECISIONS[precision]:
+        raise DeviceError(
+            f"a {precision} bundle runs on {' or '.join(PRECISIONS[precision])}, not {device}: "
+            + ("export with --fp16 (or float32) for CUDA" if device == "cuda" else "export without --fp16 for CPU")
+        )
+    if device == "cuda":
+        available = ort.get_available_providers()
+        if "CUDAExecutionProvider" not in available:
+            raise DeviceError(
+                "device='cuda' needs onnxruntime-gpu with CUDA (pip install 'star-esc[gpu]'); this onnxruntime "
+                f"{ort.__version__} offers {', '.join(available)}"
+            )
+        return [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class StrategyHead:
+    """strategy_logits = W h_0 + b: the LM head's 8 strategy rows, W [8, d], b [8] (float64)."""
+
+    weight: np.ndarray
+    bias: np.ndarray
+
+    @classmethod
+    def from_shared(cls, manifest: dict[str, Any], shared: dict[str, np.ndarray]) -> StrategyHead:
+        ids = manifest["strategies"]["token_ids"]
+        if "embed.weight_t" in shared:  # float bundles: E^T [d, V]
+            weight = shared["embed.weight_t"][:, ids].T
+        else:  # int8: E_q uint8 [V, d/B, B] and scales [V, d/B] (export/weights.py)
+            q, scale = shared["embed.weight"][ids].astype(np.float64), shared["embed.weight.scale"][ids]
+            weight = ((q - 128) * scale[..., None]).reshape(len(ids), -1)
+        return cls(weight.astype(np.float64), np.asarray(manifest["strategies"]["logit_bias"], np.float64))
+
+    def __call__(self, hidden: np.ndarray) -> np.ndarray:
+        return self.weight @ hidden + self.bias
+
+
+@dataclass
+class Engine:
+    manifest: dict[str, Any]
+    device: str
+    encoder: ort.InferenceSession
+    step: ort.InferenceSession
+    inputs: dict[str, ort.OrtValue]  # shared tensors bound as graph inputs, on the device
+    strategy_logits: StrategyHead
+    _keep: tuple  # the arrays and values the sessions point into: they must outlive the sessions
+
+    @classmethod
+    def open(cls, folder: str | os.PathLike[str], manifest: dict[str, Any], device: str = "cpu",
+             threads: int | None = None, profile_prefix: str | None = None,
+             check_precision: bool = True) -> Engine:
+        """Sessions for the bundle in `folder`; profile_prefix: write onnxruntime's per-op profile
+        (JSON, one file per graph) to files starting with it, for benchmarks/profile_bundle.py."""
+        folder = Path(folder)
+        providers = providers_for(device, manifest["precision"], check_precision=check_precision)
+        arrays = read_shared_tensors(folder, manifest)
+        bindings = {name: spec["binding"] for name, spec in manifest["shared_tensors"].items()}
+        # The options keep raw pointers to initializer values: dropping the OrtValue before the
+        # session is created crashed onnxruntime 1.32, hence `_keep`.
+        initializers = {n: ort.OrtValue.ortvalue_from_numpy(a)
+                        for n, a in arrays.items() if bindings[n] == "initializer"}
+        inputs = {n: ort.OrtValue.ortvalue_from_numpy(a, device) for n, a in arrays.items() if bindings[n] == "input"}
+        sessions = []
+        for role in ("encoder", "step"):
+            so = session_options(threads, profile_prefix)
+            for name, value in initializers.items():
+                so.add_initializer(name, value)
+            try:
+                sessions.append(ort.InferenceSession(str(folder / manifest["graphs"][role]), so, providers=providers))
+            except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
+                    ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as err:
+                raise BundleError(f"{folder}: onnxruntime cannot load {manifest['graphs'][role]}: {err}") from None
+        encoder, step = sessions
+        if device == "cuda" and "CUDAExecutionProvider" not in step.get_providers():
+            raise DeviceError("onnxruntime could not start CUDA for this bundle (is a GPU visible?)")
+        head = StrategyHead.from_shared(manifest, arrays)
+        return cls(manifest, device, encoder, step, inputs, head, (arrays, initializers))
+
+    def start(self, context_ids: np.ndarray) -> DecodeRun:
+        """Run the encoder on context ids [1, S] (int64) and return a run at decoder position 0."""
+        io = self.encoder.io_binding()
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(context_ids, dtype=np.int64))
+        _bind_shared(io, self.encoder, self.inputs)
+        names = [o.name for o in self.encoder.get_outputs()]
+        for name in names:
+            io.bind_output(name, self.device)
+        self.encoder.run_with_iobinding(io)
+        return DecodeRun(self, dict(zip(names, io.get_outputs())))
+
+
+def _bind_shared(io: ort.IOBinding, session: ort.InferenceSession, values: dict[str, ort.OrtValue]) -> None:
+    for graph_input in session.get_inputs():
+        if graph_input.name in values:
+            io.bind_ortvalue_input(graph_input.name, values[graph_input.name])
+
+
+class DecodeRun:
+    """One sequence's decoding state: position, KV cache, STAR state, output buffers.
+
+    After `step`, `logits` [V] and `hidden` [d] hold that position's results (float32, the
+    run's own buffers: the next step overwrites them).
+    """
+
+    def __init__(self, engine: Engine, cross: dict[str, ort.OrtValue]) -> None:
+        io_cfg = engine.manifest["io"]
+        self.engine, self.position = engine, 0
+        self._io = io = engine.step.io_binding()
+        self._device = engine.device
+        dtype = np.dtype(io_cfg["float_dtype"])
+        n, hd, d = io_cfg["decoder_heads"], io_cfg["head_dim"], io_cfg["d_model"]
+        # Inputs written in place before every step (the binding keeps pointers to them).
+        self._ids = np.zeros((1, 1), np.int64)
+        self._pos = np.zeros((1,), np.int64)
+        io.bind_cpu_input("input_ids", self._ids)
+        io.bind_cpu_input("position", self._pos)
+        _bind_shared(io, engine.step, engine.inputs)
+        for name, value in cross.items():  # present.{i}.encoder.* -> past_key_values.{i}.encoder.*
+            io.bind_ortvalue_input(name.replace("present.", "past_key_values.", 1), value)
+        self._cross = cross  # kept alive while bound
+        self._logits = np.empty((1, io_cfg["vocab_size"]), np.float32)
+        self._hidden = np.empty((1, d), np.float32)
+        for name, buf in zip(_HOST_OUTPUTS, (self._logits, self._hidden)):
+            io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
+        self.logits, self.hidden = self._logits[0], self._hidden[0]
+        # The recurrent state: the previous step's outputs become this step's inputs.
+        state = {
+            "past_star.max": np.full((1, 1), max(EMPTY_MAX, float(np.finfo(dtype).min)), dtype),
+            "past_star.norm": np.zeros((1, 1), dtype),
+            "past_star.sum": np.zeros((1, d), dtype),
+        }
+        for i in range(io_cfg["decoder_layers"]):
+            for part in ("key", "value"):
+                state[f"past_key_values.{i}.decoder.{part}"] = np.zeros((1, n, 0, hd), dtype)
+        self._state = {name: ort.OrtValue.ortvalue_from_numpy(a, self._device) for name, a in state.items()}
+        self._recurrent = [o.name for o in engine.step.get_outputs()][len(_HOST_OUTPUTS):]
+
+    def step(self, token_id: int) -> np.ndarray:
+        """Feed one token at the current position; returns `logits` (h' through the LM head)."""
+        io = self._io
+        self._ids[0, 0] = token_id
+        self._pos[0] = self.position
+        for name, value in self._state.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self._recurrent:
+            io.bind_output(name, self._device)
+        self.engine.step.run_with_iobinding(io)
+        values = io.get_outputs()[len(_HOST_OUTPUTS):]
+        self._state = {_past_name(name): value for name, value in zip(self._recurrent, values)}
+        self.position += 1
+        return self.logits
+
+
+def _past_name(present: str) -> str:
+    """present.{i}.decoder.key -> past_key_values.{i}.decoder.key; present_star.x -> past_star.x."""
+    return present.replace("present_star.", "past_star.", 1).replace("present.", "past_key_values.", 1)

@@ -1,0 +1,90 @@
+"""The runtime apps use: a loaded bundle, shared by any number of conversations and threads.
+
+    from star_runtime import Runtime
+    rt = Runtime.load("model.onnx", device="cpu")            # a bundle folder from star-export
+    conv = rt.conversation(situation="I lost my job.", seed=0)
+    r = conv.reply("I can't sleep.", on_token=lambda piece: print(piece, end=""))
+    r.text, r.strategy, r.strategy_probs, r.timings, r.escalated
+
+    g = rt.generate(context_ids, do_sample=False, max_new_tokens=40, stop_at_eos=False)  # benchmarks
+
+One `Runtime` holds the graphs and weights once; each conversation holds only its history and,
+while it replies, its KV cache. `reply` may run in several threads at once, one conversation
+per thread (onnxruntime sessions allow concurrent runs).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from star_runtime.bundle import BundleError, load_manifest
+from star_runtime.conversation import Conversation, Reply
+from star_runtime.decoding import Generation, generate
+from star_runtime.engine import Engine
+from star_runtime.safety import SafetyPolicy
+from star_runtime.sampling import SamplingParams
+from star_runtime.tokenizer import Tokenizer, TokenizerError
+
+
+class Runtime:
+    def __init__(self, path: Path, manifest: dict[str, Any], engine: Engine, tokenizer: Tokenizer,
+                 safety: SafetyPolicy) -> None:
+        self.path, self.manifest, self.engine, self.tokenizer, self.safety = path, manifest, engine, tokenizer, safety
+        self.device = engine.device
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], device: str = "cpu", *, threads: int | None = None,
+             safety: SafetyPolicy | None = None, verify: bool = True) -> Runtime:
+        """Open a bundle folder. BundleError (a ValueError) names what is wrong with it.
+
+        device: "cpu" or "cuda" (needs onnxruntime-gpu). threads: intra-op threads (default: one
+        per core). safety: the safety policy (default: the built-in one, SafetyPolicy.load()).
+        verify: check every file's sha256 against the manifest (sizes are always checked).
+        """
+        path = Path(path)
+        manifest = load_manifest(path, verify=verify)
+        try:
+            tokenizer = Tokenizer.from_dir(path)
+        except TokenizerError as err:
+            raise BundleError(f"{path}: the bundle's tokenizer files cannot be read: {err}") from None
+        if tokenizer.strategy_ids != manifest["strategies"]["token_ids"]:
+            raise BundleError(f"{path}: the tokenizer's strategy ids differ from the manifest's")
+        engine = Engine.open(path, manifest, device=device, threads=threads)
+        return cls(path, manifest, engine, tokenizer, safety if safety is not None else SafetyPolicy.load())
+
+    def sampling(self, **overrides: Any) -> SamplingParams:
+        """The bundle's generation defaults (the paper's), with `overrides` (None = keep)."""
+        return SamplingParams.from_manifest(self.manifest["generation"], **overrides)
+
+    def conversation(self, situation: str | None = None, seed: int | None = None, *,
+                     do_sample: bool | None = None, max_new_tokens: int | None = None) -> Conversation:
+        """A new conversation. seed: the sampling seed (same seed and messages, same replies).
+
+        do_sample: False for greedy replies (default: the bundle's, the paper's sampling).
+        """
+        n = self.manifest["generation"]["max_new_tokens"] if max_new_tokens is None else max_new_tokens
+        return Conversation(self, situation, seed, self.sampling(do_sample=do_sample), n)
+
+    def generate(self, context_ids: Sequence[int] | np.ndarray, *, do_sample: bool = False,
+                 max_new_tokens: int = 40, min_new_tokens: int = 0, stop_at_eos: bool = True,
+                 seed: int | None = None, forced_strategy: int | None = None,
+                 on_token: Callable[[int], bool | None] | None = None, **sampling: Any) -> Generation:
+        """Token ids in, strategy and token ids out, with timings (the benchmarks' entry point).
+
+        context_ids: the encoder input, cut to its last max_source_length tokens here.
+        Greedy by default; do_sample=True uses the bundle's sampling settings (or `sampling`
+        overrides: top_p, top_k, temperature, repetition_penalty) with a generator seeded by `seed`.
+        """
+        params = self.sampling(do_sample=do_sample, **sampling)
+        ids = list(context_ids)[-int(self.manifest["generation"]["max_source_length"]):]
+        return generate(self.engine, ids, params, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                        stop_at_eos=stop_at_eos, rng=np.random.default_rng(seed), forced_strategy=forced_strategy,
+                        on_token=on_token)
+
+
+__all__ = ["Runtime", "Reply", "Conversation", "Generation", "BundleError"]

@@ -1,0 +1,90 @@
+"""A star-chat session as data: its conversations, their turns, and an atomic JSON save.
+
+One record shape serves both the saved transcript and star-chat's non-interactive output, so a
+script reading either sees the same keys:
+
+    {"reply": str, "strategy": str | null, "strategy_probs": {label: p}, "escalated": bool,
+     "timings": {name: ms or count}}
+
+(strategy null and strategy_probs empty: the safety layer answered and the model did not run.)
+
+A transcript file (written only on `/save FILE`):
+
+    {"format": 1, "model": str, "device": str,
+     "conversations": [{"situation": str | null, "seed": int | null,
+                        "turns": [{"user": str, **record}, ...]}, ...]}
+
+`/reset` and `/situation` start a new entry in "conversations", so nothing said earlier in the
+session is lost from the file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from star_runtime.conversation import Reply
+
+TRANSCRIPT_FORMAT = 1
+
+
+def reply_record(reply: Reply) -> dict[str, Any]:
+    """The JSON-ready fields of a runtime `Reply` (see the module docstring for the keys)."""
+    return {
+        "reply": reply.text,
+        "strategy": reply.strategy,
+        "strategy_probs": {label: float(p) for label, p in reply.strategy_probs.items()},
+        "escalated": bool(reply.escalated),
+        "timings": dict(reply.timings),
+    }
+
+
+@dataclass
+class Transcript:
+    """Everything said in one star-chat session, grouped by conversation."""
+
+    model: str
+    device: str
+    conversations: list[dict[str, Any]] = field(default_factory=list)
+
+    def new_conversation(self, situation: str | None, seed: int | None) -> None:
+        self.conversations.append({"situation": situation, "seed": seed, "turns": []})
+
+    def add_turn(self, user: str, reply: Reply) -> None:
+        if not self.conversations:
+            self.new_conversation(None, None)
+        self.conversations[-1]["turns"].append({"user": user, **reply_record(reply)})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": TRANSCRIPT_FORMAT,
+            "model": self.model,
+            "device": self.device,
+            # A /reset right after another leaves an empty conversation: not worth a file entry.
+            "conversations": [c for c in self.conversations if c["turns"]],
+        }
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the transcript as UTF-8 JSON to `path` atomically (temp file, then os.replace).
+
+        Raises OSError (missing folder, no permission, path is a folder) and leaves `path` as it was.
+        """
+        path = Path(path).expanduser()
+        # mkstemp creates the file with mode 0600, which os.replace keeps: a transcript is what a
+        # person said about their mental health, readable by its owner only.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(self.to_dict(), f, ensure_ascii=False, indent=2)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path

@@ -1,0 +1,323 @@
+"""star-chat driven as a real process: through a pseudo-terminal (interactive) and pipes (JSON lines).
+
+One tiny random bundle per test session (tests/star_bundles.py, shared with the export and
+runtime tests). Its replies are random words; what is checked is the client: streaming, every
+command, the ends of a session, the safety layer's escalations as shown, and the one-line
+errors. Only Ctrl-C in the middle of a reply is driven in-process: the tiny model answers in
+well under a second, too fast to hit from outside without a race.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
+
+import pytest
+
+from star_bundles import tiny_bundle
+from star_runtime.safety import SafetyPolicy
+
+STAR_CHAT = [sys.executable, "-m", "star_runtime.chat"]
+TIMEOUT = 60  # seconds for one step of a session; a loaded 2-core machine starts one in ~2 s
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+COLUMNS = 4000  # wide enough that no reply wraps: a streamed frame is then one line
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def labels(bundle) -> list[str]:
+    return json.loads((bundle / "manifest.json").read_text())["strategies"]["labels"]
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("STAR_BUNDLE", "COLUMNS", "LINES")}
+    return {**env, "TERM": "xterm-256color", **extra}
+
+
+def run_pipe(args: list[str], lines: list[str | bytes], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    data = b"".join((line if isinstance(line, bytes) else line.encode()) + b"\n" for line in lines)
+    return subprocess.run(STAR_CHAT + args, input=data,
+                          capture_output=True, timeout=TIMEOUT * 2, env=env or _env())
+
+
+# ---------------------------------------------------------------------------------------------
+# Interactive mode, through a pseudo-terminal
+# ---------------------------------------------------------------------------------------------
+
+
+class Terminal:
+    """star-chat on the slave side of a pty; the test types on the master side.
+
+    `raw` is everything it wrote; `text` the same without ANSI codes, read up to `pos` so far.
+    """
+
+    def __init__(self, args: list[str], cwd: Path) -> None:
+        master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, COLUMNS, 0, 0))
+        self.proc = subprocess.Popen(STAR_CHAT + args, stdin=slave, stdout=slave, stderr=slave, cwd=cwd,
+                                     env=_env(), start_new_session=True)
+        os.close(slave)
+        self.master, self.raw, self.pos = master, "", 0
+
+    @property
+    def text(self) -> str:
+        return ANSI.sub("", self.raw)
+
+    def _read(self, timeout: float) -> bool:
+        """Append what the process wrote within `timeout`; False if nothing came or it ended."""
+        if not select.select([self.master], [], [], timeout)[0]:
+            return False
+        try:
+            chunk = os.read(self.master, 1 << 16)
+        except OSError:  # EIO: the process closed the terminal
+            return False
+        self.raw += chunk.decode("utf-8", errors="replace")
+        return bool(chunk)
+
+    def read_until(self, marker: str, timeout: float = TIMEOUT) -> str:
+        """The output from `pos` up to and including the next `marker`, ANSI codes stripped."""
+        end = time.monotonic() + timeout
+        while (i := self.text.find(marker, self.pos)) < 0:
+            if not self._read(max(0.0, end - time.monotonic())):
+                raise AssertionError(f"no {marker!r}; star-chat wrote:\n{self.text[self.pos:]}")
+        out, self.pos = self.text[self.pos : i + len(marker)], i + len(marker)
+        return out
+
+    def type(self, text: str) -> None:
+        os.write(self.master, text.encode())
+
+    def command(self, line: str, marker: str | None = None) -> str:
+        """Type a line; the output up to `marker` and then up to the next prompt."""
+        self.type(line + "\r")
+        return (self.read_until(marker) if marker else "") + self.read_until("you>")
+
+    def wait(self) -> int:
+        rc = self.proc.wait(timeout=TIMEOUT)
+        while self._read(0.1):  # what it wrote last
+            pass
+        return rc
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        os.close(self.master)
+
+
+@pytest.fixture
+def terminal(bundle, tmp_path):
+    opened: list[Terminal] = []
+
+    def start(*args: str) -> Terminal:
+        term = Terminal(["--model", str(bundle), *args], tmp_path)
+        opened.append(term)
+        term.read_until("you>")
+        return term
+
+    yield start
+    for term in opened:
+        term.close()
+
+
+def test_interactive_session_streams_and_runs_every_command(terminal, bundle, labels, tmp_path) -> None:
+    term = terminal("--seed", "3", "--timings", "--show-probs")
+    banner = term.text
+    assert str(bundle.resolve()) in banner and "d_model 32" in banner and "float32" in banner
+    assert "device  cpu" in banner and "not a substitute for professional help" in banner
+
+    # A reply: streamed piece by piece, then printed whole with its strategy, timings, probabilities.
+    start = len(term.raw)
+    out = term.command("I feel so alone since I moved to a new city.", "strategy:")
+    streamed = term.raw[start:]
+    assert "ms/token" in out and all(label in out for label in labels)  # --timings, --show-probs
+
+    term.command("Today was good 😀 but tomorrow scares me", "strategy:")
+    # A crisis: the resources in a red panel, marked escalated; the model did not run.
+    out = term.command("I want to kill myself", "escalated")
+    assert "please reach out to a person" in out
+    assert all(line in out for line in SafetyPolicy.load().resources)
+    assert "safety layer" in term.command("/strategy")
+
+    out = term.command("/help", "/quit")
+    assert all(cmd in out for cmd in ("/help", "/reset", "/situation TEXT", "/strategy", "/save FILE"))
+    term.command("/nope", "unknown command /nope")
+    term.command("/situation I lost my job last week.", "situation set")
+    term.command("/situation", "situation: I lost my job last week.")
+    term.command("Can you help me?", "strategy:")
+    out = term.command("/strategy", "%")
+    assert all(label in out for label in labels)
+    term.command("/reset", "new conversation")
+    term.command("/strategy", "no reply yet")
+    term.command(f"/save {tmp_path / 'no-such-folder' / 't.json'}", "cannot save")
+    term.command("/save", "usage: /save FILE")
+    term.command("/save transcript.json", "transcript saved")
+
+    term.type("\x04")  # Ctrl-D at the prompt
+    assert term.wait() == 0
+    assert "Traceback" not in term.text
+
+    # The transcript: every turn, grouped by conversation; nothing else written to the folder.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["transcript.json"]
+    saved = json.loads((tmp_path / "transcript.json").read_text(encoding="utf-8"))
+    assert saved["model"] == str(bundle.resolve()) and saved["device"] == "cpu"
+    first, second = saved["conversations"]  # the empty one after /reset is left out
+    assert [t["user"] for t in first["turns"]] == [
+        "I feel so alone since I moved to a new city.", "Today was good 😀 but tomorrow scares me",
+        "I want to kill myself"]
+    assert [t["escalated"] for t in first["turns"]] == [False, False, True]
+    assert first["turns"][2]["reply"] == SafetyPolicy.load().crisis_reply()
+    assert second["situation"] == "I lost my job last week." and second["seed"] == 3
+    assert [t["user"] for t in second["turns"]] == ["Can you help me?"]
+
+    # Streaming: before the final line, the first reply was on screen as a growing prefix of
+    # itself (a frame is what one refresh wrote after erasing the line: one per piece).
+    reply = first["turns"][0]["reply"]
+    frames = [ANSI.sub("", f).strip("\r\n") for f in streamed.split("\x1b[2K")]
+    growing = [f for f in frames if f and reply.startswith(f)]
+    assert len(set(growing)) >= 2 and len(growing[0]) < len(reply), frames[:5]
+    assert all(len(a) <= len(b) for a, b in zip(growing, growing[1:]))
+
+
+def test_quit_command_ends_the_session(terminal) -> None:
+    term = terminal()
+    term.type("/quit\r")
+    assert term.wait() == 0
+
+
+def test_ctrl_c_at_the_prompt_ends_the_session_cleanly(terminal) -> None:
+    term = terminal()
+    term.proc.send_signal(signal.SIGINT)  # what the terminal sends for Ctrl-C (the pty is not its tty)
+    assert term.wait() == 0
+    assert "Traceback" not in term.raw and "KeyboardInterrupt" not in term.raw
+
+
+def test_ctrl_c_during_a_reply_ends_that_reply_not_the_session(bundle) -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from star_runtime import Runtime
+    from star_runtime.chat import Session, build_parser
+
+    console = Console(file=StringIO(), force_terminal=True, width=COLUMNS)
+    session = Session(Runtime.load(bundle), build_parser().parse_args(["--seed", "0"]), console)
+    conversation = session.conv
+
+    class CtrlCAfterFirstPiece:
+        def reply(self, text, on_token):
+            def press(piece: str):
+                os.kill(os.getpid(), signal.SIGINT)  # handled before kill returns, in this thread
+                return on_token(piece)
+
+            return conversation.reply(text, on_token=press)
+
+    handler = signal.getsignal(signal.SIGINT)
+    session.conv = CtrlCAfterFirstPiece()
+    session.say("I can't sleep.")
+    assert session.last_reply.timings["tokens"] == 1
+    assert "stopped (Ctrl-C)" in ANSI.sub("", console.file.getvalue())
+    assert signal.getsignal(signal.SIGINT) is handler  # restored: Ctrl-C at the prompt ends again
+    session.conv = conversation  # the session goes on
+    session.say("Are you there?")
+    assert session.last_reply.timings["tokens"] > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-interactive mode, through pipes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pipe_mode_answers_one_json_line_per_input_line(bundle, labels, tmp_path) -> None:
+    resources = tmp_path / "crisis.json"
+    resources.write_text(json.dumps({"default": ["Call the clinic: 555 0100."],
+                                     "fr": ["Appelez le 3114, jour et nuit."]}), encoding="utf-8")
+    lines = ["hello, I had a rough week at work", "", "   ", "mon chat est mort 😿🙏", "x" * 100_000,
+             "I want to end my life tonight", "I would never hurt myself, I just feel tired",
+             b"caf\xe9 \xff not UTF-8"]
+    done = run_pipe(["--model", str(bundle), "--seed", "0", "--safety-config", str(resources),
+                     "--locale", "fr-FR"], lines)
+    assert done.returncode == 0 and done.stderr == b""  # no banner, no warning
+    out = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
+    assert len(out) == len(lines)
+    assert out[1] == out[2] == {"error": "empty message"}
+    for i in (0, 3, 4, 6, 7):  # answered by the model
+        assert set(out[i]) == {"reply", "strategy", "strategy_probs", "escalated", "timings"}
+        assert out[i]["reply"] and out[i]["strategy"] in labels and out[i]["escalated"] is False
+        assert list(out[i]["strategy_probs"]) == labels
+        assert sum(out[i]["strategy_probs"].values()) == pytest.approx(1, abs=1e-4)
+        assert out[i]["timings"]["reply_ms"] > 0 and out[i]["timings"]["tokens"] >= 1
+    crisis = out[5]
+    assert crisis["escalated"] is True and crisis["strategy"] is None
+    assert crisis["reply"] == SafetyPolicy.load(resources, "fr-FR").crisis_reply()
+    assert "Appelez le 3114, jour et nuit." in crisis["reply"]
+
+
+def test_pipe_mode_greedy_ignores_the_seed_and_star_bundle_names_the_default(bundle) -> None:
+    lines = ["I lost my job and I do not know what to tell my family."]
+    by_flag = run_pipe(["--model", str(bundle), "--greedy", "--seed", "1"], lines)
+    by_env = run_pipe(["--greedy", "--seed", "2"], lines, env=_env(STAR_BUNDLE=str(bundle)))
+    assert by_flag.returncode == by_env.returncode == 0
+    assert json.loads(by_flag.stdout)["reply"] == json.loads(by_env.stdout)["reply"]
+
+
+# ---------------------------------------------------------------------------------------------
+# One clear line and exit 1 for whatever makes the session impossible
+# ---------------------------------------------------------------------------------------------
+
+
+def _one_line_error(done: subprocess.CompletedProcess) -> str:
+    err = done.stderr.decode()
+    assert done.returncode == 1 and done.stdout == b"", (done.returncode, done.stdout, err)
+    assert err.startswith("star-chat: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_missing_and_broken_bundles_give_one_line(bundle, tmp_path) -> None:
+    err = _one_line_error(run_pipe(["--model", str(tmp_path / "nowhere")], ["hi"]))
+    assert "nowhere" in err
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    weights = broken / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    assert "sha256" in _one_line_error(run_pipe(["--model", str(broken)], ["hi"]))
+    (broken / "manifest.json").unlink()
+    assert "manifest" in _one_line_error(run_pipe(["--model", str(broken)], ["hi"]))
+
+
+def test_bad_safety_config_and_unavailable_device_give_one_line(bundle, tmp_path) -> None:
+    bad = tmp_path / "crisis.json"
+    bad.write_text('{"fr": ["Appelez le 3114."]}', encoding="utf-8")  # no "default" entry
+    assert "default" in _one_line_error(run_pipe(["--model", str(bundle), "--safety-config", str(bad)], ["hi"]))
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert "cuda" in _one_line_error(run_pipe(["--model", str(bundle), "--device", "cuda"], ["hi"]))
+
+
+def test_no_model_says_how_to_build_one_or_loads_the_packaged_default(monkeypatch) -> None:
+    from star_runtime.chat import default_bundle
+
+    monkeypatch.delenv("STAR_BUNDLE", raising=False)
+    done = run_pipe([], ["hello"])
+    if default_bundle() is None:
+        err = _one_line_error(done)
+        assert "star-train" in err and "star-export" in err and "--model" in err
+    else:  # the shipped default (issue 8) answers
+        assert done.returncode == 0 and "reply" in json.loads(done.stdout)

@@ -1,0 +1,249 @@
+"""star-export: parity of the bundle with the PyTorch model, its layout, its refusals, its CLI.
+
+Tiny preset, random weights, exported once per session into tmp (tests/star_bundles.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from star_bundles import tiny_bundle, tiny_checkpoint
+from star_export import exporter
+from star_export.cli import main as export_main
+from star_export.validate import ValidationError
+from star_runtime import Runtime
+from star_runtime.bundle import MANIFEST_FILE, load_manifest
+from star_training.checkpoint import load_model
+from star_training.generate import generate as torch_generate
+
+N_PROMPTS = 20
+STEPS = 8
+F32_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_checkpoint(tmp_path_factory, tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def model(ckpt):
+    return load_model(ckpt).eval()
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def bundle_int8(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_bundle(tmp_path_factory, tokenizer_dir, "int8")
+
+
+def _prompts(vocab_size: int, n: int = N_PROMPTS) -> list[np.ndarray]:
+    """Random contexts of random lengths (1..160) over the ordinary vocabulary."""
+    rng = np.random.default_rng(123)
+    return [rng.integers(4, vocab_size - 8, size=int(rng.integers(1, 161))) for _ in range(n)]
+
+
+def _torch_logits(model, ids: np.ndarray, decoder_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced forward: strategy logits [8] and response logits [T, V] (positions 1..)."""
+    ids_t = torch.from_numpy(ids)[None]
+    with torch.inference_mode():
+        out = model(ids_t, torch.ones_like(ids_t), torch.tensor([decoder_ids]))
+    return out.strategy_logits[0].numpy(), out.lm_logits[0, 1:].numpy()
+
+
+def test_float32_bundle_matches_pytorch(model, bundle):
+    """Incremental bundle decoding (KV cache, streaming STAR) vs PyTorch's teacher-forced forward,
+    and greedy strategies + tokens vs training/generate.py, over 20 random prompts."""
+    rt = Runtime.load(bundle)
+    sids = rt.manifest["strategies"]["token_ids"]
+    worst = 0.0
+    for ids in _prompts(model.config.vocab_size):
+        ours = rt.generate(ids, max_new_tokens=STEPS, stop_at_eos=False)
+        ids_t = torch.from_numpy(ids)[None]
+        ref = torch_generate(model, ids_t, torch.ones_like(ids_t), do_sample=False, max_new_tokens=STEPS,
+                             stop_at_eos=False)
+        assert ours.strategy == int(ref.strategy[0])
+        assert ours.tokens == ref.responses[0]
+
+        # Logits at every position, the bundle stepped with the same tokens.
+        decoder_ids = [rt.manifest["special_ids"]["bos"], sids[ours.strategy], *ours.tokens]
+        strategy_ref, logits_ref = _torch_logits(model, ids, decoder_ids)
+        run = rt.engine.start(ids[None])
+        run.step(decoder_ids[0])
+        worst = max(worst, float(np.abs(rt.engine.strategy_logits(run.hidden) - strategy_ref).max()))
+        for t, token in enumerate(decoder_ids[1:]):
+            logits = run.step(token)
+            worst = max(worst, float(np.abs(logits - logits_ref[t]).max()))
+    print(f"float32: max |logit difference| over {N_PROMPTS} prompts x {STEPS + 2} positions: {worst:.2e}")
+    assert worst <= F32_ATOL
+
+
+def test_int8_strategy_agreement(model, bundle_int8):
+    rt = Runtime.load(bundle_int8)
+    prompts = _prompts(model.config.vocab_size)
+    agree = 0
+    for ids in prompts:
+        ref, _ = _torch_logits(model, ids, [rt.manifest["special_ids"]["bos"]])
+        agree += rt.generate(ids, max_new_tokens=0).strategy == int(ref.argmax())
+    print(f"int8 strategy agreement with PyTorch: {agree}/{len(prompts)} = {agree / len(prompts):.0%}")
+    assert agree / len(prompts) >= 0.9
+
+
+def _external_tensors(graph_path: Path) -> dict[str, tuple[int, int]]:
+    model = onnx.load(str(graph_path), load_external_data=False)
+    out = {}
+    for t in model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            info = {e.key: e.value for e in t.external_data}
+            out[t.name] = (int(info["offset"]), int(info["length"]))
+    return out
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_every_weight_is_stored_once(model, tmp_path_factory, tokenizer_dir, precision):
+    folder = tiny_bundle(tmp_path_factory, tokenizer_dir, precision)
+    manifest = load_manifest(folder)
+    enc = _external_tensors(folder / manifest["graphs"]["encoder"])
+    step = _external_tensors(folder / manifest["graphs"]["step"])
+    shared = set(manifest["shared_tensors"])
+    if precision == "int8":  # initializers that both graphs declare
+        assert set(enc) & set(step) == shared == {"embed.weight", "embed.weight.scale"}
+    else:  # a graph input of both: stored once, read once
+        assert set(enc) & set(step) == set() and shared == {"embed.weight_t"}
+        for graph in ("encoder", "step"):
+            model_proto = onnx.load(str(folder / manifest["graphs"][graph]), load_external_data=False)
+            assert "embed.weight_t" in [i.name for i in model_proto.graph.input]
+        spans_shared = manifest["shared_tensors"]["embed.weight_t"]
+        enc["embed.weight_t"] = (spans_shared["offset"], spans_shared["length"])
+    spans = sorted({**enc, **step}.values())
+    assert all(a[0] + a[1] <= b[0] for a, b in zip(spans, spans[1:])), "two tensors overlap in weights.bin"
+    # parameters() lists the tied embedding once; final_logits_bias is a buffer.
+    n_weights = sum(p.numel() for p in model.parameters()) + model.base.final_logits_bias.numel()
+    stored = sum(length for _, length in spans)
+    if precision == "float32":
+        assert stored == 4 * n_weights
+    else:  # int8 matrices, plus float scales, LayerNorms, biases and positions
+        assert n_weights <= stored <= 4 * n_weights / 2
+    assert (folder / manifest["graphs"]["weights"]).stat().st_size < stored + 4096 * len(spans)
+
+
+def test_export_refuses_a_bundle_that_disagrees(ckpt, tmp_path, monkeypatch):
+    real = exporter.stored_arrays
+
+    def broken(model, precision):
+        arrays = real(model, precision)
+        arrays["dec.0.ln1.gamma"] = arrays["dec.0.ln1.gamma"] * 1.1  # a 10% error in one LayerNorm
+        return arrays
+
+    monkeypatch.setattr(exporter, "stored_arrays", broken)
+    with pytest.raises(ValidationError, match="disagrees"):
+        exporter.export_bundle(ckpt, tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+    assert list(tmp_path.iterdir()) == []  # no temporary folder left behind
+
+
+def test_cli_exact_command(ckpt, tmp_path):
+    """`star-export --checkpoint ckpt/ --out model.onnx` writes a bundle FOLDER named model.onnx,
+    and running it again replaces that bundle."""
+    cmd = [sys.executable, "-m", "star_export.cli", "--checkpoint", str(ckpt), "--out", "model.onnx"]
+    for _ in range(2):
+        done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert (tmp_path / "model.onnx" / MANIFEST_FILE).is_file()
+    assert "validation (float32" in done.stderr
+    assert Runtime.load(tmp_path / "model.onnx").generate([5, 6, 7], max_new_tokens=2).tokens
+
+
+def _cli(capsys, *args: str) -> tuple[int, str]:
+    try:
+        code = export_main(list(args))
+    except SystemExit as e:  # argparse
+        code = e.code
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return code, err
+
+
+def test_cli_bad_inputs(ckpt, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "not_a_bundle").mkdir()
+    (tmp_path / "not_a_bundle" / "notes.txt").write_text("mine")
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(ckpt, corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x00" * 100)
+    no_tokenizer = tmp_path / "no_tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "star_config.json", "model.safetensors"):
+        shutil.copy(ckpt / name, no_tokenizer / name)
+    out = str(tmp_path / "out")
+    cases = [
+        (("--checkpoint", str(tmp_path / "missing"), "--out", out), "no checkpoint folder"),
+        (("--checkpoint", str(corrupt), "--out", out), "not a readable safetensors file"),
+        (("--checkpoint", str(no_tokenizer), "--out", out), "no usable tokenizer files"),
+        (("--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file")), "is a file"),
+        (("--checkpoint", str(ckpt), "--out", str(tmp_path / "not_a_bundle")), "not a bundle"),
+        (("--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file" / "sub")), "not a folder"),
+    ]
+    for args, message in cases:
+        code, err = _cli(capsys, *args)
+        assert code == 1 and err.startswith("star-export: error:") and message in err, (args, err)
+        assert err.count("\n") == 1, err
+    assert (tmp_path / "not_a_bundle" / "notes.txt").read_text() == "mine"
+    code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", out, "--fp16", "--quantize", "int8")
+    assert code == 2 and "not allowed" in err
+    code, err = _cli(capsys, "--out", out)
+    assert code == 2 and "--checkpoint" in err
+
+
+def test_manifest_describes_the_bundle(bundle, tokenizer_dir):
+    manifest = json.loads((bundle / MANIFEST_FILE).read_text())
+    assert manifest["format_version"] == 1 and manifest["precision"] == "float32"
+    assert manifest["strategies"]["labels"][0] == "Question"
+    assert manifest["generation"] == {"do_sample": True, "top_p": 0.3, "top_k": 30, "temperature": 0.7,
+                                      "repetition_penalty": 1.03, "max_new_tokens": 40, "max_source_length": 160}
+    assert manifest["validation"]["max_abs_logit_diff"] <= F32_ATOL
+    on_disk = {p.name for p in bundle.iterdir()} - {MANIFEST_FILE}
+    assert set(manifest["files"]) == on_disk
+    assert {"vocab.json", "merges.txt", "added_tokens.json"} <= on_disk
+
+
+def test_float16_bundle_for_cuda(ckpt, bundle, tmp_path):
+    """--fp16: float16 weights (half the float32 size), a CUDA-only manifest, and the exporter's check
+    passes (on CUDA where there is one; here on the CPU, where onnxruntime runs float16 ops in float32)."""
+    out = tmp_path / "fp16"
+    lines: list[str] = []
+    manifest = exporter.export_bundle(ckpt, out, precision="float16", log=lines.append)
+    assert manifest["precision"] == "float16" and manifest["devices"] == ["cuda"]
+    assert manifest["validation"]["strategy_agreement"] == 1.0
+    assert any("validation (float16" in line for line in lines)
+    f32 = load_manifest(bundle)["files"]["weights.bin"]["size"]
+    assert 0.45 * f32 < manifest["files"]["weights.bin"]["size"] < 0.55 * f32
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" not in __import__("onnxruntime").get_available_providers(),
+                    reason="needs onnxruntime-gpu and a GPU")
+def test_cuda_runs_float32_and_float16_bundles(ckpt, bundle, tmp_path):
+    """On CUDA: the float32 bundle's greedy replies equal the CPU's; the float16 bundle is exported
+    and checked against PyTorch on the GPU, then answers."""
+    cpu, gpu = Runtime.load(bundle), Runtime.load(bundle, device="cuda")
+    for ids in _prompts(cpu.manifest["io"]["vocab_size"], n=5):
+        a = cpu.generate(ids, max_new_tokens=8, stop_at_eos=False)
+        b = gpu.generate(ids, max_new_tokens=8, stop_at_eos=False)
+        assert (a.strategy, a.tokens) == (b.strategy, b.tokens)
+    manifest = exporter.export_bundle(ckpt, tmp_path / "fp16", precision="float16", log=print)
+    assert manifest["validation"]["device"] == "cuda"
+    reply = Runtime.load(tmp_path / "fp16", device="cuda").conversation(seed=0).reply("I feel lonely.")
+    assert reply.text and reply.strategy

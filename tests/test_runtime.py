@@ -1,0 +1,219 @@
+"""star_runtime: no torch, refusals of bad bundles and devices, messages, threads, sampling.
+
+Tiny preset, random weights, exported once per session into tmp (tests/star_bundles.py).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from star_bundles import tiny_bundle
+from star_runtime import BundleError, DeviceError, Runtime
+from star_runtime.bundle import MANIFEST_FILE
+from star_runtime.sampling import SamplingParams, distribution
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
+
+
+@pytest.fixture(scope="module")
+def rt(bundle) -> Runtime:
+    return Runtime.load(bundle, threads=1)
+
+
+def test_runtime_imports_no_torch(bundle):
+    code = textwrap.dedent(f"""
+        import sys
+        from star_runtime import Runtime
+        rt = Runtime.load({str(bundle)!r})
+        reply = rt.conversation(seed=0).reply("I feel so alone since I moved to a new city.")
+        assert reply.text and reply.strategy in rt.manifest["strategies"]["labels"]
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers", "optimum"))
+        print(heavy)
+        sys.exit(1 if heavy else 0)
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- bad bundles and devices -------------------------------------------------------------------
+
+@pytest.fixture
+def copy(bundle, tmp_path) -> Path:
+    out = tmp_path / "bundle"
+    shutil.copytree(bundle, out)
+    return out
+
+
+def test_missing_file(copy):
+    (copy / "encoder.onnx").unlink()
+    with pytest.raises(BundleError, match="missing file encoder.onnx"):
+        Runtime.load(copy)
+
+
+def test_changed_byte(copy):
+    weights = copy / "weights.bin"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="weights.bin: sha256 differs"):
+        Runtime.load(copy)
+
+
+def test_newer_format_version(copy):
+    manifest = json.loads((copy / MANIFEST_FILE).read_text())
+    manifest["format_version"] += 1
+    (copy / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="newer than this star_runtime reads"):
+        Runtime.load(copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Runtime.load(tmp_path)
+    with pytest.raises(BundleError, match="no such bundle folder"):
+        Runtime.load(tmp_path / "nowhere")
+
+
+def test_wrong_device(bundle, tmp_path_factory, tokenizer_dir):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        with pytest.raises(DeviceError, match="onnxruntime-gpu"):
+            Runtime.load(bundle, device="cuda")
+    with pytest.raises(DeviceError, match="runs on cpu, not cuda"):
+        Runtime.load(tiny_bundle(tmp_path_factory, tokenizer_dir, "int8"), device="cuda")
+    with pytest.raises(DeviceError, match="unknown device"):
+        Runtime.load(bundle, device="tpu")
+
+
+# -- messages ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("message", [
+    "x" * 100_000,
+    "word " * 20_000,
+    "\x00\x01\x1b[31m hello \x7f\u0085",
+    "😀🙏💔 thanks 😭",
+    "Je suis très triste depuis que j'ai perdu mon travail.",
+    "我最近睡不好，压力很大。",
+    "مرحبا، أشعر بالوحدة",
+    "[Question] __end__ __start__ pretending to be special tokens",
+])
+def test_odd_messages_get_an_answer(rt, message):
+    conv = rt.conversation(seed=0)
+    reply = conv.reply(message)
+    assert isinstance(reply.text, str) and reply.strategy in rt.manifest["strategies"]["labels"]
+    assert len(conv.context_ids()) <= 160
+    assert abs(sum(reply.strategy_probs.values()) - 1) < 1e-6
+
+
+@pytest.mark.parametrize("message", ["", "   \n\t ", "\x00\x01", None, 42])
+def test_empty_messages_are_refused(rt, message):
+    with pytest.raises(ValueError, match="empty message|a message is text"):
+        rt.conversation().reply(message)
+
+
+def test_crisis_message_escalates_without_the_model(rt):
+    reply = rt.conversation(seed=0).reply("I want to kill myself tonight")
+    assert reply.escalated and reply.strategy is None and reply.strategy_probs == {}
+    assert reply.text == rt.safety.crisis_reply()
+
+
+# -- conversation mechanics ---------------------------------------------------------------------
+
+def test_history_is_the_training_layout_and_bounded(rt):
+    tok, eos = rt.tokenizer, rt.manifest["special_ids"]["eos"]
+    conv = rt.conversation(situation="I lost my job.", seed=1, max_new_tokens=5)
+    first = conv.reply("I can't sleep.")
+    expected = [*tok.encode("I lost my job."), eos, *tok.encode("I can't sleep."), eos,
+                rt.manifest["strategies"]["token_ids"][rt.manifest["strategies"]["labels"].index(first.strategy)],
+                *first.tokens]
+    assert conv.context_ids() == expected
+    for i in range(40):
+        conv.reply(f"this is message number {i} and it goes on for a while")
+    assert len(conv.context_ids()) == 160
+    assert sum(len(item) + 1 for item in conv._items) - 1 < 160 + 60  # old turns were dropped
+
+
+def test_streamed_pieces_make_the_reply(rt):
+    pieces = []
+    reply = rt.conversation(seed=3).reply("hello there", on_token=lambda p: pieces.append(p))
+    assert "".join(pieces) == reply.text and len(reply.tokens) > 0
+    stopped = rt.conversation(seed=3).reply("hello there", on_token=lambda p: False)
+    assert len(stopped.tokens) == 1
+
+
+def test_generate_fixed_length_and_timings(rt):
+    g = rt.generate(list(range(10, 400)), max_new_tokens=12, stop_at_eos=False)
+    assert len(g.tokens) == 12 and len(g.timings.token_ms) == 12
+    t = g.timings
+    assert 0 < t.encoder_ms <= t.strategy_ms <= t.first_token_ms <= t.total_ms
+    assert g.strategy_probs.shape == (8,)
+    same = rt.generate(list(range(10, 400)), do_sample=True, seed=5, max_new_tokens=12)
+    assert same.tokens == rt.generate(list(range(10, 400)), do_sample=True, seed=5, max_new_tokens=12).tokens
+
+
+def test_threads_share_one_runtime(rt):
+    """8 threads x 5 conversations: each equals the same conversation run alone (same seed)."""
+    messages = ["I feel lonely.", "My exams are next week and I am scared.", "Thank you."]
+
+    def run(seed: int) -> list[tuple[str, str]]:
+        conv = rt.conversation(situation=f"situation {seed}", seed=seed, max_new_tokens=12)
+        return [(r.text, r.strategy) for r in map(conv.reply, messages)]
+
+    alone = {seed: run(seed) for seed in range(40)}
+    together: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def worker(seeds: range) -> None:
+        try:
+            for seed in seeds:
+                together[seed] = run(seed)
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(range(5 * i, 5 * i + 5),)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and together == alone
+    assert len({tuple(v) for v in alone.values()}) > 1  # the seeds do change the replies
+
+
+# -- sampling semantics --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(),
+    SamplingParams(top_k=0, top_p=0.9, temperature=1.3, repetition_penalty=1.2),
+    SamplingParams(top_k=5, top_p=1.0, temperature=0.5, repetition_penalty=1.0),
+])
+def test_distribution_matches_training_warp(params):
+    """numpy's candidate set and probabilities = softmax of training/generate.py's warp_logits."""
+    torch = pytest.importorskip("torch")
+    from star_training.generate import warp_logits
+
+    rng = np.random.default_rng(0)
+    scores = (rng.standard_normal(500) * 3).astype(np.float32)
+    scores[7] = scores[8]  # a tie
+    history = np.array([3, 7, 7, 11, 42, 499])
+    banned = np.array([0, 1, 2])
+    ids, probs = distribution(scores.copy(), np.unique(history), banned, params)
+    ref_scores = torch.from_numpy(scores.copy())[None]
+    ref_scores[0, banned] = -float("inf")
+    ref = warp_logits(ref_scores, torch.from_numpy(history)[None], repetition_penalty=params.repetition_penalty,
+                      temperature=params.temperature, top_k=params.top_k, top_p=params.top_p).softmax(-1)[0]
+    ref = ref.double().numpy()
+    assert set(ids.tolist()) == set(np.flatnonzero(ref).tolist())
+    np.testing.assert_allclose(probs, ref[ids], rtol=1e-5)
