@@ -27,12 +27,12 @@ from rich.console import Console
 from rich.table import Table
 
 from star_runtime.strategies import STRATEGY_NAMES
-from star_runtime.tokenizer import Tokenizer
 from star_training.checkpoint import STAR_CONFIG_FILE, CheckpointError, load_model
 from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
     add_common_args,
+    load_tokenizer,
     positive_int,
     resolve_data_path,
     run_cli,
@@ -74,15 +74,6 @@ def _points(text: str) -> int:
     return value
 
 
-def _tokenizer(checkpoint: Path, explicit: Path | None) -> Tokenizer:
-    for folder in (explicit, checkpoint, DEFAULT_TOKENIZER):
-        if folder is not None and (folder / "vocab.json").is_file():
-            return Tokenizer.from_dir(folder)
-    if explicit is not None:
-        return Tokenizer.from_dir(explicit)  # raises a TokenizerError naming what is missing
-    raise CliError(f"{checkpoint} holds no tokenizer files and {DEFAULT_TOKENIZER} none either; pass --tokenizer")
-
-
 def _interval(iv: Interval, values: list[float]) -> dict[str, Any]:
     return {"mean": iv.mean, "ci95": None if iv.low is None else [iv.low, iv.high], "per_batch": values}
 
@@ -98,7 +89,7 @@ def analyse_model(
     checkpoint: Path, args: argparse.Namespace, data_path: Path, seed: int, device: Any
 ) -> tuple[dict[str, Any], list[Panel]]:
     """Everything analysis.json records for one model, and its figure panels (generation state first)."""
-    tok = _tokenizer(checkpoint, args.tokenizer)
+    tok = load_tokenizer(args.tokenizer, checkpoint)
     try:
         model = load_model(checkpoint, vocab_size=tok.vocab_size).to(device)
     except CheckpointError as e:

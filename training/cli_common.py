@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from star_runtime.tokenizer import TokenizerError
+from star_runtime.tokenizer import Tokenizer, TokenizerError
 from star_training.checkpoint import CheckpointError
 from star_training.data import DataError
 from star_training.distributed import DeviceError
@@ -104,3 +104,13 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+def load_tokenizer(explicit: Path | None, model_folder: Path) -> Tokenizer:
+    """The tokenizer of a command: --tokenizer if given, else the model folder's, else the default."""
+    for folder in (explicit, model_folder, DEFAULT_TOKENIZER):
+        if folder is not None and (folder / "vocab.json").is_file():
+            return Tokenizer.from_dir(folder)
+    if explicit is not None:
+        return Tokenizer.from_dir(explicit)  # raises a TokenizerError naming what is missing
+    raise CliError(f"{model_folder} holds no tokenizer files and {DEFAULT_TOKENIZER} none either; pass --tokenizer")

@@ -3,7 +3,6 @@ K-means clusters marked (one marker shape per cluster, its number at the cluster
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 
 from star_runtime.strategies import STRATEGY_NAMES
 from star_training.hidden_clusters import Clustering
+from star_training.folders import save_figure_atomically
 
 MARKERS = "osv^DPX*"  # one per K-means cluster (k = 8)
 
@@ -53,9 +53,4 @@ def plot_panels(panels: list[Panel], png: Path) -> None:
     fig.legend(handles=strategies, title="gold strategy (colour)", loc="lower left", ncol=4, fontsize=8)
     fig.legend(handles=shapes, title="K-means cluster (shape)", loc="lower right", ncol=4, fontsize=8)
     fig.tight_layout(rect=(0, 0.14, 1, 1))
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
-    try:
-        fig.savefig(tmp, dpi=110)
-    finally:
-        plt.close(fig)
-    os.replace(tmp, png)
+    save_figure_atomically(fig, png, dpi=110)

@@ -18,12 +18,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from star_runtime.tokenizer import Tokenizer
 from star_training.checkpoint import STAR_CONFIG_FILE, load_model
 from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
     add_common_args,
+    load_tokenizer,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -70,15 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _tokenizer(args: argparse.Namespace) -> Tokenizer:
-    for folder in (args.tokenizer, args.model, DEFAULT_TOKENIZER):
-        if folder is not None and (folder / "vocab.json").is_file():
-            return Tokenizer.from_dir(folder)
-    if args.tokenizer is not None:
-        return Tokenizer.from_dir(args.tokenizer)  # raises a TokenizerError naming what is missing
-    raise CliError(f"{args.model} holds no tokenizer files and {DEFAULT_TOKENIZER} none either; pass --tokenizer")
-
-
 def _provenance(trained: dict) -> str:
     """Where the model's weights came from, as star-train recorded it."""
     if not trained:
@@ -106,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         seed = 42 if args.seed is None else args.seed
         seed_everything(seed)
         device = resolve_device(args.device or "auto")
-        tok = _tokenizer(args)
+        tok = load_tokenizer(args.tokenizer, args.model)
         model = load_model(args.model, vocab_size=tok.vocab_size)
         settings = DecodingSettings(args.top_p, args.top_k, args.temperature, args.repetition_penalty,
                                     args.max_new_tokens)

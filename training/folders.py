@@ -52,3 +52,16 @@ def write_text_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def save_figure_atomically(fig, png: Path, *, dpi: int = 100) -> None:
+    """Write a matplotlib figure to `png` through a temporary file, then close the figure."""
+    import matplotlib.pyplot as plt
+
+    png = Path(png)
+    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
+    try:
+        fig.savefig(tmp, dpi=dpi)
+    finally:
+        plt.close(fig)
+    os.replace(tmp, png)

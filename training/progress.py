@@ -8,7 +8,6 @@ so redirected output stays readable. The JSONL log has one record per optimizer 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,6 +17,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
+
+from star_training.folders import save_figure_atomically
 
 
 def format_step(rec: dict[str, Any]) -> str:
@@ -125,7 +126,4 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     ax_lam.set_ylabel("lambda")
     ax_lam.set_xlabel("optimizer step")
     fig.tight_layout()
-    tmp = png_path.with_name(f".{png_path.name}.tmp-{os.getpid()}.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    save_figure_atomically(fig, png_path, dpi=100)
