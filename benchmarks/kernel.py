@@ -1,7 +1,7 @@
 """Fused STAR kernel vs eager PyTorch vs torch.compile, against the card's floor.
 
     python benchmarks/kernel.py [--batches 128,16,1] [--time 41] [--d 512]
-                                [--precisions bf16,fp32,tf32] [--json PATH]
+                                [--precisions bf16,fp32,tf32] [--tiles 64x64x3] [--json PATH]
 
 Modes: "fwd" (inference forward over [B, T, d]), "fwd+bwd" (training step of the module: forward,
 then backward into h and every weight), "step" (one decoding position with the streaming state).
@@ -19,7 +19,11 @@ The floor is the larger of
                                    (three times that with the backward: dX and dW); rate: an
                                    8192^3 matmul in the same precision
 and the table says which binds. Times are medians of triton.testing.do_bench (CUDA events,
-L2 flushed before each call). Without a CUDA GPU the script says so and exits 0.
+L2 flushed before each call); "host ms" is the median time the host takes to issue one call with
+the GPU idle (perf_counter around the call, synchronised before it): where it is close to "ms",
+the call is host-bound. "err" is the largest relative error (||x - ref|| / ||ref||) of h' (and,
+with the backward, dL/dh and every weight gradient) against the eager module in float32 on the
+same rounded weights and inputs. Without a CUDA GPU the script says so and exits 0.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class Row:
     tflops: float  # floor FLOPs / time
     vs_eager: float  # eager time / this time
     vs_floor: float  # this time / floor
+    host_ms: float  # median host time to issue one call, GPU idle
+    err: float  # largest relative error against the float32 eager reference
     memory_floor_ms: float  # floor bytes / measured copy bandwidth
     compute_floor_ms: float  # floor FLOPs / measured matmul rate
     bound: str  # the larger floor: "memory" or "compute"
@@ -66,7 +72,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-batches", default="128",
                    help="batch sizes that also time torch.compile (each compiles anew: ~10 s); 'none' for none")
     p.add_argument("--min-block-m", default="",
-                   help="extra fused rows with star_triton.MIN_BLOCK_M set to each value (a tuning sweep)")
+                   help="extra fused rows with the smallest row block (star_triton.MIN_BLOCK_M and "
+                        "MIN_STEP_BLOCK_M) set to each value (a tuning sweep)")
+    p.add_argument("--tiles", default="",
+                   help="extra fused rows with star_triton.TILES set to each BLOCK_NxBLOCK_KxSTAGES, "
+                        "comma-separated (a tuning sweep), e.g. 64x64x3")
     p.add_argument("--profile", action="store_true",
                    help="also list the GPU kernels of one fused and one eager fwd+bwd "
                         "(first precision, largest batch)")
@@ -85,6 +95,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.batches = ints(args.batches, "batches")
     args.compile_batches = [] if args.compile_batches == "none" else ints(args.compile_batches, "compile-batches")
     args.min_block_m = ints(args.min_block_m, "min-block-m")
+    text, bad_tiles = args.tiles, f"--tiles takes BLOCK_NxBLOCK_KxSTAGES values such as 64x64x3, got {args.tiles!r}"
+    try:
+        args.tiles = [tuple(int(v) for v in t.split("x")) for t in text.split(",") if t.strip()]
+    except ValueError:
+        p.error(bad_tiles)
+    if any(len(t) != 3 or min(t) < 1 for t in args.tiles):
+        p.error(bad_tiles)
     args.precisions = [x for x in args.precisions.split(",") if x]
     args.modes = [x for x in args.modes.split(",") if x]
     if bad := [x for x in args.precisions if x not in PRECISIONS]:
@@ -124,6 +141,60 @@ def work(mode: str, B: int, T: int, d: int, elem: int) -> tuple[float, float]:
     return 4 * M * d * elem + 2 * weights, 30 * M * d * d
 
 
+# The script flags a provider whose relative error against the float32 reference is over both
+# the correctness tests' tolerance (tests/test_kernel.py; TF32 products chained up to four deep
+# were under 2e-3 there) and twice eager's own error on the same inputs. The tests pick weights
+# and a positive dy that keep every gradient well conditioned; here dy has both signs, and a bias
+# gradient summed over 5,248 rows cancels: on an H200 eager bfloat16 itself was 4-8e-2 off in
+# fwd+bwd (the fused kernel 3-5e-2).
+TOLERANCE = {"fp32": 1e-4, "tf32": 2e-3, "bf16": 3e-2}
+
+
+def call(torch, forward, step, params, mode, h, h0, mask, dy, state):
+    """(fn, the tensors whose .grad do_bench clears before each call) for one call of the mode."""
+    if mode == "step":
+        return torch.no_grad()(lambda: step(h0, state)), None
+    if mode == "fwd":
+        return torch.no_grad()(lambda: forward(h, mask)), None
+    hg = h.detach().requires_grad_()
+    return (lambda: forward(hg, mask).backward(dy)), [hg, *params]
+
+
+def outputs(torch, forward, step, params, mode, h, h0, mask, dy, state) -> list:
+    """What the error check compares: h' (h'_t for a step), and after a backward dL/dh and the
+    gradient of every parameter."""
+    if mode == "step":
+        with torch.no_grad():
+            return [step(h0, state)[0]]
+    if mode == "fwd":
+        with torch.no_grad():
+            return [forward(h, mask)]
+    for p in params:
+        p.grad = None
+    hg = h.detach().requires_grad_()
+    out = forward(hg, mask)
+    out.backward(dy)
+    return [out.detach(), hg.grad, *(p.grad for p in params)]
+
+
+def host_ms(torch, fn, grads, calls: int = 30) -> float:
+    """Median host time to issue one call (perf_counter around it, the GPU idle before it)."""
+    import statistics
+    import time
+
+    times = []
+    for i in range(calls + 3):  # 3 warm-up calls
+        for x in grads or ():
+            x.grad = None
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e3
+
+
 def profile_kernels(torch, fn, steps: int = 5) -> list[dict]:
     """GPU time per kernel name over `steps` calls of fn (after one warm-up call), largest first."""
     from torch.profiler import ProfilerActivity, profile
@@ -158,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     from star_kernels import star_triton
     from star_kernels.reference import StarModule, empty_state
 
-    console = Console(width=160)  # the table has 12 columns; logs are not terminals
+    console = Console(width=200)  # the table has 14 columns; logs are not terminals
     if args.time > star_triton.MAX_T:
         console.print(f"[red]--time {args.time} is past the fused kernel's limit of {star_triton.MAX_T}")
         return 2
@@ -171,7 +242,12 @@ def main(argv: list[str] | None = None) -> int:
         "ceilings": ceilings, "rows": [],
     }
     rows: list[Row] = []
-    default_min_bm = star_triton.MIN_BLOCK_M
+    # the smallest row block of a block and of a decode step (one constant in the first kernels)
+    block_attrs = [a for a in ("MIN_BLOCK_M", "MIN_STEP_BLOCK_M") if hasattr(star_triton, a)]
+
+    def block_m(mode: str, T: int, settings: dict) -> int:
+        attr = "MIN_STEP_BLOCK_M" if mode == "step" and "MIN_STEP_BLOCK_M" in block_attrs else "MIN_BLOCK_M"
+        return max(settings.get(attr, getattr(star_triton, attr)), triton.next_power_of_2(T))
 
     for name in args.precisions:
         dtype_name, mm_precision = PRECISIONS[name]
@@ -194,40 +270,60 @@ def main(argv: list[str] | None = None) -> int:
                 mask[B // 2:, T - T // 4:] = False  # padded tails, as in a batch of replies
                 dy = torch.randn_like(h)
                 state = empty_state(B, args.d, device="cuda", dtype=dtype)  # the reference steps in h's dtype
-                params = list(eager.parameters()) + list(fused.parameters())
+                params = {"eager": list(eager.parameters()), "fused": list(fused.parameters())}
+                params["compile"] = params["eager"]
+                inputs = (mode, h, h0, mask, dy, state)
+                reference = StarModule(args.d, backend="torch").to("cuda")  # float32, same rounded weights
+                reference.load_state_dict(eager.state_dict())
+                torch.set_float32_matmul_precision("highest")
+                ref = outputs(torch, reference, reference.step, list(reference.parameters()),
+                              mode, h.float(), h0.float(), mask, dy.float(), empty_state(B, args.d, device="cuda"))
+                torch.set_float32_matmul_precision(mm_precision)
 
-                def timed(forward, step, mode=mode, h=h, h0=h0, mask=mask, dy=dy, state=state, params=params):
-                    grads = None
-                    if mode == "step":
-                        fn = torch.no_grad()(lambda: step(h0, state))
-                    elif mode == "fwd":
-                        fn = torch.no_grad()(lambda: forward(h, mask))
-                    else:
-                        hg = h.detach().requires_grad_()
-                        fn, grads = (lambda: forward(hg, mask).backward(dy)), [hg, *params]
-                    return do_bench(fn, grad_to_none=grads, return_mode="median")
+                def measure(label, forward, step):
+                    fn, grads = call(torch, forward, step, params[label.split()[0]], *inputs)
+                    ms = do_bench(fn, grad_to_none=grads, return_mode="median")
+                    got = outputs(torch, forward, step, params[label.split()[0]], *inputs)
+                    err = max(((a.float() - r).norm() / r.norm().clamp_min(1e-30)).item() for a, r in zip(got, ref))
+                    return ms, host_ms(torch, fn, grads), err
 
                 nbytes, flops = work(mode, B, T, args.d, elem)
                 memory_ms = nbytes / ceilings["bandwidth_gbps"] / 1e6
                 compute_ms = flops / ceilings[f"matmul_tflops_{name}"] / 1e9
                 floor_ms, bound = max((memory_ms, "memory"), (compute_ms, "compute"))
-                times = {label: timed(*fns) for label, fns in providers.items()}
+                variants = [(label, fns, {}) for label, fns in providers.items()]
                 for bm in args.min_block_m:
-                    if max(bm, triton.next_power_of_2(T)) == max(default_min_bm, triton.next_power_of_2(T)):
-                        continue  # same row block as the default
-                    star_triton.MIN_BLOCK_M = bm
+                    settings = dict.fromkeys(block_attrs, bm)
+                    if block_m(mode, T, settings) != block_m(mode, T, {}):  # else the default's row block
+                        variants.append((f"fused bm>={bm}", (fused, fused.step), settings))
+                variants += [("fused tiles {}x{}x{}".format(*t), (fused, fused.step), {"TILES": star_triton.Tiles(*t)})
+                             for t in args.tiles]
+                results = {}
+                for label, fns, settings in variants:
+                    defaults = {attr: getattr(star_triton, attr) for attr in settings}
+                    for attr, value in settings.items():
+                        setattr(star_triton, attr, value)
                     try:
-                        times[f"fused bm>={bm}"] = timed(fused, fused.step)
+                        results[label] = measure(label, *fns)
+                    except Exception as exc:  # e.g. a configuration that does not compile: say so, go on
+                        if label == "eager":
+                            raise
+                        console.print(f"[red]{name} {mode} B={B} {label}: {type(exc).__name__}: {str(exc)[:300]}")
                     finally:
-                        star_triton.MIN_BLOCK_M = default_min_bm
-                for label, ms in times.items():
+                        for attr, value in defaults.items():
+                            setattr(star_triton, attr, value)
+                for label, (ms, host, err) in results.items():
                     row = Row(name, mode, B, T, label, ms, nbytes / ms / 1e6, flops / ms / 1e9,
-                              times["eager"] / ms, ms / floor_ms, memory_ms, compute_ms, bound)
+                              results["eager"][0] / ms, ms / floor_ms, host, err, memory_ms, compute_ms, bound)
                     rows.append(row)
                     report["rows"].append(asdict(row))
+                    if err > max(TOLERANCE[name], 2 * results["eager"][2]):
+                        console.print(f"[red]{name} {mode} B={B} {label}: relative error {err:.1e} is over "
+                                      f"{TOLERANCE[name]} and twice eager's")
                 if args.json:  # after every shape, so a run cut short still leaves its numbers
                     write_json(args.json, report)
-                console.print(f"[dim]{name} {mode} B={B}: " + ", ".join(f"{k} {v:.3f} ms" for k, v in times.items()))
+                console.print(f"[dim]{name} {mode} B={B}: " + ", ".join(
+                    f"{k} {v[0]:.3f} ms (host {v[1]:.3f}, err {v[2]:.1e})" for k, v in results.items()))
     torch.set_float32_matmul_precision("highest")
 
     if args.profile:
@@ -235,12 +331,19 @@ def main(argv: list[str] | None = None) -> int:
         dtype_name, mm_precision = PRECISIONS[name]
         torch.set_float32_matmul_precision(mm_precision)
         B, dtype = max(args.batches), getattr(torch, dtype_name)
-        h = torch.randn(B, args.time, args.d, device="cuda", dtype=dtype, requires_grad=True)
+        h = torch.randn(B, args.time, args.d, device="cuda", dtype=dtype)
         dy = torch.randn_like(h)
         report["profile"] = {"precision": name, "batch": B}
         for backend in ("triton", "torch"):
             mod = StarModule(args.d, backend=backend).to("cuda", dtype)
-            kernels = profile_kernels(torch, lambda: mod(h, None).backward(dy))
+            fn, grads = call(torch, mod, mod.step, list(mod.parameters()), "fwd+bwd", h, None, None, dy, None)
+
+            def cleared(fn=fn, grads=grads):  # as do_bench runs it: no gradient accumulation
+                for x in grads:
+                    x.grad = None
+                fn()
+
+            kernels = profile_kernels(torch, cleared)
             report["profile"][backend] = kernels
             table = Table(title=f"fwd+bwd kernels, backend={backend}, {name}, B={B}, T={args.time}: "
                                 f"{sum(k['us_per_call'] for k in kernels):.1f} us GPU time per call")
@@ -257,13 +360,13 @@ def main(argv: list[str] | None = None) -> int:
                   + ", ".join(f"{k.split('_')[-1]} matmul {v:.0f} TFLOP/s"
                               for k, v in ceilings.items() if k.startswith("matmul")))
     table = Table(title=f"STAR module, d={args.d}, time {args.time} (step: 1)")
-    for col in ("precision", "mode", "B", "provider", "ms", "GB/s", "TFLOP/s", "x eager",
-                "mem floor ms", "flop floor ms", "x floor", "bound"):
+    for col in ("precision", "mode", "B", "provider", "ms", "host ms", "GB/s", "TFLOP/s", "x eager",
+                "mem floor ms", "flop floor ms", "x floor", "bound", "err"):
         table.add_column(col, justify="left" if col in ("precision", "mode", "provider", "bound") else "right")
     for r in rows:
-        table.add_row(r.precision, r.mode, str(r.batch), r.provider, f"{r.ms:.3f}", f"{r.gbps:.0f}", f"{r.tflops:.1f}",
-                      f"{r.vs_eager:.2f}", f"{r.memory_floor_ms:.4f}", f"{r.compute_floor_ms:.4f}",
-                      f"{r.vs_floor:.2f}", r.bound)
+        table.add_row(r.precision, r.mode, str(r.batch), r.provider, f"{r.ms:.3f}", f"{r.host_ms:.3f}",
+                      f"{r.gbps:.0f}", f"{r.tflops:.1f}", f"{r.vs_eager:.2f}", f"{r.memory_floor_ms:.4f}",
+                      f"{r.compute_floor_ms:.4f}", f"{r.vs_floor:.2f}", r.bound, f"{r.err:.1e}")
     console.print(table)
     return 0
 

@@ -191,6 +191,34 @@ def test_forward_backward_grid(d, T, B, dtype) -> None:
     check_forward_backward(B, T, d, gate, None, None, True, dtype, device)
 
 
+@ON_CPU
+@pytest.mark.parametrize("tiles", [(64, 64, 3), (128, 64, 2)], ids=["64x64x3", "128x64x2"])
+def test_other_tile_shapes(tiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Other tile shapes (64x64x3: the first measured configuration; column tiles wider than d)
+    compute the same function. On a GPU, benchmarks/kernel.py --tiles checks each configuration
+    it times against the reference."""
+    monkeypatch.setattr(st, "TILES", st.Tiles(*tiles))
+    check_forward_backward(5, 41, 96, "scalar", 48, None, True, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_weights_in_another_dtype_are_cast(device) -> None:
+    """float32 weights with a float16 h (mixed precision) give exactly what float16 weights give,
+    and float32 gradients."""
+    weights = [w.detach().float().to(device) for w in st.module_weights(make_module(64, relu_margin=True))]
+    h, mask, dy = draw(2, 5, 64, True, torch.float16, device)
+    results = []
+    for ws in (weights, [w.half() for w in weights]):
+        leaves = [w.clone().requires_grad_() for w in ws]
+        hk = h.clone().requires_grad_()
+        out = st.StarFunction.apply(hk, mask, *leaves)
+        out.backward(dy)
+        results.append([out, hk.grad, *(w.grad for w in leaves)])
+    assert all(g.dtype == torch.float32 for g in results[0][2:])
+    for name, a, b in zip(["h'", "dL/dh", *st.StarWeights._fields], *results):
+        assert torch.equal(a.float(), b.float()), f"{name} differs between float32 and float16 weights"
+
+
 @ON_CUDA
 @pytest.mark.parametrize("case", [(5, 41, 512, "vector", None, None, True), (3, 67, 96, "scalar", 48, None, True)])
 def test_cuda_bfloat16_and_tf32(case) -> None:
