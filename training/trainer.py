@@ -221,6 +221,11 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
         )
+        if ctx.device.type == "cuda":
+            # Under bf16 autocast the decoder's final LayerNorm still outputs float32, and the fused
+            # STAR kernel runs float32 only with TF32 allowed (with IEEE float32 dots it measured
+            # 2.4x slower than eager on an H200: docs/kernel.md). TF32 is what nanoGPT trains with.
+            torch.set_float32_matmul_precision("high")
 
     # -- one optimizer step ------------------------------------------------------------------------
 
