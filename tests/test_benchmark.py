@@ -1,0 +1,79 @@
+"""benchmarks/latency.py: the --quick run produces every field for every backend, and bad options
+are one line and exit 1. No timing value is asserted: they depend on the machine and its load."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+LATENCY = REPO / "benchmarks" / "latency.py"
+DEFAULT_BACKENDS = ["eager", "optimum", "runtime-fp32", "runtime-int8"]
+TIMINGS = ["strategy_ms", "first_token_ms", "per_token_ms", "reply_ms"]
+
+
+def latency(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LATENCY), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=REPO)
+
+
+def is_number(x: object) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and x == x  # not NaN
+
+
+def test_quick_run_reports_every_field_for_every_backend(tmp_path: Path, tokenizer_dir: Path) -> None:
+    out_json, out_png = tmp_path / "latency.json", tmp_path / "latency.png"
+    proc = latency("--quick", "--tokenizer", str(tokenizer_dir), "--work-dir", str(tmp_path / "work"),
+                   "--out-json", str(out_json), "--out-png", str(out_png))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out_json.read_text())
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    assert list(result["backends"]) == DEFAULT_BACKENDS
+    settings = result["settings"]
+    assert (settings["context_len"], settings["reply_len"], settings["batch"]) == (160, 40, 1)
+    for name, b in result["backends"].items():
+        for metric in TIMINGS:
+            assert is_number(b["timings"][metric]["median"]) and is_number(b["timings"][metric]["p95"]), (name, metric)
+            assert len(b["runs"][metric]) == settings["repeats"], (name, metric)
+        assert is_number(b["peak_rss_bytes"]) and b["peak_rss_bytes"] > 0, name
+        assert is_number(b["disk_bytes"]) and b["disk_bytes"] > 0, name
+        assert is_number(b["load_s"]) and 0 <= b["other_cpu_share"] <= 1, name
+        assert set(b["ratio_to_eager"]) == {*TIMINGS, "peak_rss_bytes", "disk_bytes"}, name
+        assert all(is_number(r) for r in b["ratio_to_eager"].values()), name
+        assert [len(reply) for reply in b["tokens"]] == [settings["reply_len"]], name  # fixed length, batch 1
+        assert isinstance(b["tokens_match_eager"], bool), name
+        assert b["label"] and Path(b["path"]).name, name
+    eager_ratios = result["backends"]["eager"]["ratio_to_eager"]
+    assert eager_ratios == dict.fromkeys(eager_ratios, 1.0)
+    assert "NO STAR" in result["backends"]["optimum"]["label"]
+
+    machine = result["machine"]
+    for key in ("cpu_model", "logical_cores", "os", "python", "load_average_before", "load_average_after"):
+        assert machine[key], key
+    assert machine["libraries"]["onnxruntime"] and machine["libraries"]["torch"]
+    for precision in ("float32", "int8"):
+        assert all(is_number(result["floor"][precision][k]) for k in TIMINGS), precision
+    for key in ("bandwidth_bytes_per_s", "float32_ops_per_s", "int8_ops_per_s"):
+        assert is_number(result["floor"]["measured"][key]), key
+    for name in DEFAULT_BACKENDS:
+        assert name in proc.stdout  # the table
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backends", "eager,nope"], "unknown backend(s) nope"),
+    (["--backends", "eager,eager"], "named twice"),
+    (["--device", "cuda", "--backends", "runtime-int8"], "runtime-int8 cannot run on cuda"),
+    (["--checkpoint", "/nonexistent/ckpt"], "not a STAR checkpoint folder"),
+    (["--context-len", "0"], "must be 1 or more"),
+    (["--batch", "2"], "star_runtime decodes one conversation per call"),
+])
+def test_bad_options_are_one_clear_line(args: list[str], message: str) -> None:
+    proc = latency(*args, timeout=60)
+    assert proc.returncode in (1, 2)
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
