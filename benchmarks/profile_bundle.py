@@ -4,7 +4,7 @@
                                         [--threads N] [--device cpu|cuda]
 
 Each bundle (and the eager PyTorch baseline, with --eager) runs in its own process, so its peak
-RSS (getrusage ru_maxrss, after loading and decoding) is its own. The workload is the issues':
+RSS (VmHWM via harness.peak_rss_bytes, after loading and decoding) is its own. The workload is the issues':
 a 160-token context, a 40-token greedy reply with __end__ banned (fixed length), batch 1.
 Reported: min and median over --reps of the whole reply, the encoder, decoder position 0 (the
 strategy) and the mean time per response token. --profile adds the kernel time per part of the
@@ -18,11 +18,12 @@ import argparse
 import collections
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
 import time
+
+from harness import peak_rss_bytes  # benchmarks/ is this script's folder, first on sys.path
 
 CONTEXT, NEW_TOKENS = 160, 40
 
@@ -56,7 +57,7 @@ def measure_bundle(path: str, reps: int, threads: int | None, profile: bool, dev
         if i:
             rows.append((t.total_ms, t.encoder_ms, t.strategy_ms - t.encoder_ms, t.per_token_ms))
     out = {"bundle": path, "precision": manifest["precision"], "device": device, **_summary(rows),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+           "peak_rss_mb": round(peak_rss_bytes() / 2**20),
            "bundle_mb": round(sum(f["size"] for f in manifest["files"].values()) / 1e6, 1)}
     if profile:
         out["step_profile"] = _profile(engine.step.end_profiling())
@@ -103,7 +104,7 @@ def measure_eager(ckpt: str, reps: int, threads: int | None) -> dict:
             times.append((time.perf_counter() - start) * 1e3)
     times.sort()
     return {"eager": ckpt, "min_ms": round(times[0], 1), "median_ms": round(times[len(times) // 2], 1),
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            "peak_rss_mb": round(peak_rss_bytes() / 2**20)}
 
 
 def main(argv: list[str] | None = None) -> int:
