@@ -184,6 +184,8 @@ def test_forward_backward_float16(case, device) -> None:
 @pytest.mark.parametrize("T", [1, 7, 41, 67])
 @pytest.mark.parametrize("d", [64, 96, 512])
 def test_forward_backward_grid(d, T, B, dtype) -> None:
+    if STALE_TRITON:
+        pytest.skip("Triton was imported before TRITON_INTERPRET=1: see test_cpu_cases_in_fresh_process")
     device = "cpu" if st.INTERPRETED else "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("needs CUDA and TRITON_INTERPRET=0")
@@ -341,9 +343,11 @@ def test_bad_backend_and_unsupported_shapes() -> None:
 
 
 @pytest.mark.skipif(not STALE_TRITON, reason="the CPU cases ran in this process")
-def test_cpu_cases_in_fresh_process() -> None:
+@pytest.mark.parametrize("selection", ["not slow", pytest.param("slow", marks=pytest.mark.slow)])
+def test_cpu_cases_in_fresh_process(selection: str) -> None:
+    """The CPU cases of this file (the default ones, or with -m slow the full grid) in a new Python."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider"],
+    run = subprocess.run([sys.executable, "-m", "pytest", __file__, "-q", "-p", "no:cacheprovider", "-m", selection],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
 
