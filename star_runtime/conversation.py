@@ -109,9 +109,9 @@ class Conversation:
 
         gen = generate(rt.engine, self.context_ids(), self.params, max_new_tokens=self.max_new_tokens,
                        rng=self.rng, on_token=callback)
-        if on_token is not None and (tail := stream.flush()):
-            on_token(tail)
-        reply_text = rt.tokenizer.decode(gen.tokens)
+        # A reply cut off at max_new_tokens can end inside a word: its BPE mark "@@" (what
+        # stream.flush() would give) is tokenizer bookkeeping, not text for a person.
+        reply_text = rt.tokenizer.decode(gen.tokens).removesuffix("@@")
         screened, replaced = rt.safety.screen_model(reply_text, crisis_context=self._in_crisis)
         labels = rt.manifest["strategies"]["labels"]
         if not replaced:

@@ -154,6 +154,16 @@ def test_streamed_pieces_make_the_reply(rt):
     assert len(stopped.tokens) == 1
 
 
+def test_a_reply_cut_inside_a_word_shows_no_bpe_mark(rt):
+    cut = 0
+    for seed in range(12):
+        pieces = []
+        reply = rt.conversation(seed=seed).reply("tell me more", on_token=pieces.append)
+        cut += rt.tokenizer.id_to_token(reply.tokens[-1]).endswith("@@")
+        assert not reply.text.endswith("@@") and "".join(pieces) == reply.text
+    assert cut > 0  # the random tiny model ends some replies mid-word, so the case was exercised
+
+
 def test_generate_fixed_length_and_timings(rt):
     g = rt.generate(list(range(10, 400)), max_new_tokens=12, stop_at_eos=False)
     assert len(g.tokens) == 12 and len(g.timings.token_ms) == 12
