@@ -545,7 +545,7 @@ def _launch(T: int, block_m: int | None, dtype: torch.dtype) -> _Launch:
     """Row block (whole sequences), tiles and launch options for sequences of length T."""
     if T > MAX_T:
         raise ValueError(f"the fused STAR kernel handles T <= {MAX_T}, got {T}")
-    bm = block_m or max(MIN_BLOCK_M, triton.next_power_of_2(T))
+    bm = block_m or max(MIN_BLOCK_M, 1 << (T - 1).bit_length())  # next power of two >= T
     if bm < T or bm < 16 or bm & (bm - 1):
         raise ValueError(f"block_m must be a power of two >= max(16, T={T}), got {bm}")
     tiles, size = TILES, dtype.itemsize
@@ -592,6 +592,65 @@ def _bias_sizes(D: int, GH: int, GO: int, RH: int) -> list[int]:
     return [D, D, GH, GO, RH, D]
 
 
+class _FwdPlan(NamedTuple):
+    grid: tuple[int]
+    ws_n: int  # workspace elements in h's dtype
+    rs_n: int  # float32 workspace elements
+    scalars: tuple[int, ...]  # the kernel's integer arguments after the pointers
+    meta: dict  # constexpr arguments and launch options
+
+
+# A training run calls with the same few shapes: everything but the tensors is computed once per
+# shape (2-core CPU, launches stubbed, B=1, T=2, d=8: star_forward 19 -> 12 us, star_backward
+# 53 -> 45 us; docs/kernel.md). TILES, MIN_BLOCK_M and the precision are in the key: they are
+# read at each call.
+@functools.lru_cache(maxsize=256)
+def _fwd_plan(B: int, T: int, D: int, GH: int, RH: int, GO: int, dtype: torch.dtype, block_m: int | None,
+              flags: tuple[bool, bool, bool, bool], prec: str, tiles: Tiles, min_block_m: int) -> _FwdPlan:
+    """Grid, workspace sizes, integer arguments and constexprs of one forward launch; flags are
+    (HAS_MASK, HAS_STATE, STATE_OUT, SAVE); tiles and min_block_m only key the cache (_launch
+    reads the globals TILES and MIN_BLOCK_M)."""
+    launch = _launch(T, block_m, dtype)
+    has_mask, has_state, state_out, save = flags
+    ws_off, ws_n, rs_off, rs_n = _fwd_layout(B * T, D, GH, RH, GO, save)
+    meta = dict(HAS_MASK=has_mask, HAS_STATE=has_state, STATE_OUT=state_out, SAVE=save,
+                SCALAR_GATE=GO == 1 and D != 1, PREC=prec, BLOCK_M=launch.block_m,
+                BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, **launch.options)
+    grid = (-(-B // launch.seqs_per_program),)
+    return _FwdPlan(grid, ws_n, rs_n, (*ws_off[1:], *rs_off[1:], B, T, D, GH, RH, launch.seqs_per_program), meta)
+
+
+class _BwdPlan(NamedTuple):
+    grid: tuple[int]
+    wb_n: int
+    rb_n: int
+    scalars: tuple[int, ...]
+    meta: dict
+    o_g1: int  # forward workspace offsets of relu(W_g1 z), relu(W_p1 z)
+    o_p1: int
+    o_dgp: int  # backward workspace offsets of the pre-activation gradients
+    o_dhh: int
+    o_dpa: int
+    o_part: int  # float32 workspace offset of the per-program column sums
+    sizes: tuple[int, ...]  # columns of those sums (_bias_sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _bwd_plan(B: int, T: int, D: int, GH: int, RH: int, GO: int, dtype: torch.dtype, block_m: int | None,
+              has_mask: bool, prec: str, tiles: Tiles, min_block_m: int) -> _BwdPlan:
+    """Grid, workspace sizes and offsets, integer arguments and constexprs of one backward
+    (tiles and min_block_m only key the cache, as in _fwd_plan)."""
+    launch = _launch(T, block_m, dtype)
+    M, P = B * T, -(-B // launch.seqs_per_program)
+    ws_off, _, rs_off, _ = _fwd_layout(M, D, GH, RH, GO, True)
+    (_, o_dhh, o_dgp, o_dpa), wb_n, (_, o_part), rb_n = _bwd_layout(M, D, GH, RH, GO, P)
+    meta = dict(HAS_MASK=has_mask, SCALAR_GATE=GO == 1 and D != 1, PREC=prec, BLOCK_M=launch.block_m,
+                BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, **launch.options)
+    scalars = (*ws_off[1:], *rs_off[1:], o_dhh, o_dgp, o_dpa, o_part, B, T, D, GH, RH, launch.seqs_per_program)
+    return _BwdPlan((P,), wb_n, rb_n, scalars, meta, ws_off[1], ws_off[2], o_dgp, o_dhh, o_dpa, o_part,
+                    tuple(_bias_sizes(D, GH, GO, RH)))
+
+
 def _prepare(weights: StarWeights, dtype: torch.dtype) -> StarWeights:
     """The weights in h's dtype, contiguous: the tensors themselves when they already are (the
     usual case, no copy), else cast copies."""
@@ -625,14 +684,14 @@ def star_forward(
     save: (the casted weights, the two workspaces)).
     """
     B, T, D = h.shape
-    w = _prepare(weights, h.dtype)
+    dev, dt = h.device, h.dtype
+    w = _prepare(weights, dt)
     GH, RH, GO = w.w_g1.shape[0], w.w_p1.shape[0], w.w_g2.shape[0]
-    launch = _launch(T, block_m, h.dtype)
-    M, dev, dt = B * T, h.device, h.dtype
+    plan = _fwd_plan(B, T, D, GH, RH, GO, dt, block_m, (mask is not None, state is not None, return_state, save),
+                     _precision(dt), TILES, MIN_BLOCK_M)
     h2 = h.contiguous()
-    ws_off, ws_n, rs_off, rs_n = _fwd_layout(M, D, GH, RH, GO, save)
     out = _new((B, T, D), dt, dev)
-    ws, rs = _new((ws_n,), dt, dev), _new((rs_n,), torch.float32, dev)
+    ws, rs = _new((plan.ws_n,), dt, dev), _new((plan.rs_n,), torch.float32, dev)
     if state is not None:
         m0, l0, a0 = state.m.contiguous(), state.l.contiguous(), state.a.contiguous()
     else:
@@ -642,15 +701,9 @@ def star_forward(
         m_out, l_out, a_out = _new((B,), sdt, dev), _new((B,), sdt, dev), _new((B, D), sdt, dev)
     else:
         m_out = l_out = a_out = out  # never touched: STATE_OUT is off
-    mask8 = _mask_int8(mask, M) if mask is not None else out
-    _star_fwd_kernel[(triton.cdiv(B, launch.seqs_per_program),)](
-        h2, mask8, *w, m0, l0, a0, out, ws, rs, m_out, l_out, a_out,
-        *ws_off[1:], *rs_off[1:],
-        B, T, D, GH, RH, launch.seqs_per_program,
-        HAS_MASK=mask is not None, HAS_STATE=state is not None, STATE_OUT=return_state, SAVE=save,
-        SCALAR_GATE=GO == 1 and D != 1, PREC=_precision(dt), BLOCK_M=launch.block_m,
-        BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, **launch.options,
-    )
+    mask8 = _mask_int8(mask, B * T) if mask is not None else out
+    _star_fwd_kernel[plan.grid](h2, mask8, *w, m0, l0, a0, out, ws, rs, m_out, l_out, a_out, *plan.scalars,
+                                **plan.meta)
     new_state = StarState(m_out, l_out, a_out) if return_state else None
     return out, new_state, ((*w, ws, rs) if save else None)
 
@@ -673,37 +726,28 @@ def star_backward(
     n_w = len(StarWeights._fields)
     w, (ws, rs) = StarWeights(*saved[:n_w]), saved[n_w:]
     GH, RH, GO = w.w_g1.shape[0], w.w_p1.shape[0], w.w_g2.shape[0]
-    launch = _launch(T, block_m, h.dtype)
     M, dev, dt = B * T, h.device, h.dtype
-    P = triton.cdiv(B, launch.seqs_per_program)
-    ws_off, _, rs_off, _ = _fwd_layout(M, D, GH, RH, GO, True)
-    (_, o_dhh, o_dgp, o_dpa), wb_n, (_, o_part), rb_n = _bwd_layout(M, D, GH, RH, GO, P)
-    sizes = _bias_sizes(D, GH, GO, RH)
+    pl = _bwd_plan(B, T, D, GH, RH, GO, dt, block_m, mask is not None, _precision(dt), TILES, MIN_BLOCK_M)
     h2, dy2 = h.contiguous(), dy.contiguous()
     dh = _new((B, T, D), dt, dev)
-    wb, rb = _new((wb_n,), dt, dev), _new((rb_n,), torch.float32, dev)
+    wb, rb = _new((pl.wb_n,), dt, dev), _new((pl.rb_n,), torch.float32, dev)
     mask8 = _mask_int8(mask, M) if mask is not None else h2
-    _star_bwd_kernel[(P,)](
-        dy2, h2, mask8, w.w_a, w.q, w.w_g1, w.w_g2, w.w_p1, w.w_p2,
-        ws, rs, dh, wb, rb,
-        *ws_off[1:], *rs_off[1:], o_dhh, o_dgp, o_dpa, o_part,
-        B, T, D, GH, RH, launch.seqs_per_program,
-        HAS_MASK=mask is not None, SCALAR_GATE=GO == 1 and D != 1, PREC=_precision(dt),
-        BLOCK_M=launch.block_m, BLOCK_N=launch.block_n, BLOCK_K=launch.block_k, **launch.options,
-    )
+    _star_bwd_kernel[pl.grid](dy2, h2, mask8, w.w_a, w.q, w.w_g1, w.w_g2, w.w_p1, w.w_p2, ws, rs, dh, wb, rb,
+                              *pl.scalars, **pl.meta)
     # dW = dA^T X over all rows: [W_a], [W_g1; W_p1] against z in one GEMM, [W_g2, W_p2] as a
     # batch of two where their shapes agree.
-    o_g1, o_p1 = ws_off[1], ws_off[2]
+    o_g1, o_p1, o_dhh, o_dpa, sizes = pl.o_g1, pl.o_p1, pl.o_dhh, pl.o_dpa, pl.sizes
     dw_a = torch.mm(wb.as_strided((D, M), (1, D), o_dpa), h2.view(M, D))
-    dw_g1, dw_p1 = torch.mm(wb.as_strided((GH + RH, M), (1, GH + RH), o_dgp), ws.as_strided((M, D), (D, 1), 0)).split(
-        [GH, RH])
+    dw_g1, dw_p1 = torch.mm(wb.as_strided((GH + RH, M), (1, GH + RH), pl.o_dgp),
+                            ws.as_strided((M, D), (D, 1), 0)).split([GH, RH])
     if GO == D and GH == RH:
         dw_g2, dw_p2 = torch.bmm(wb.as_strided((2, D, M), (o_dhh, 1, D), 0),
                                  ws.as_strided((2, M, GH), (o_p1 - o_g1, GH, 1), o_g1))
     else:
         dw_g2 = torch.mm(wb.as_strided((GO, M), (1, GO), 0), ws.as_strided((M, GH), (GH, 1), o_g1))
         dw_p2 = torch.mm(wb.as_strided((D, M), (1, D), o_dhh), ws.as_strided((M, RH), (RH, 1), o_p1))
-    db_a, dq, db_g1, db_g2, db_p1, db_p2 = rb.as_strided((P, sum(sizes)), (sum(sizes), 1), o_part).sum(0).to(
+    n_part = sum(sizes)
+    db_a, dq, db_g1, db_g2, db_p1, db_p2 = rb.as_strided((pl.grid[0], n_part), (n_part, 1), pl.o_part).sum(0).to(
         dt).split(sizes)
     grads = StarWeights(dw_a, db_a, dq, dw_g1, db_g1, dw_g2, db_g2, dw_p1, db_p1, dw_p2, db_p2)
     return dh, grads
@@ -743,10 +787,14 @@ class StarFunction(torch.autograd.Function):
 
 def module_weights(module: torch.nn.Module) -> StarWeights:
     """The StarWeights of a kernels.reference.StarModule (views, no copies)."""
+    # the module's dicts, not nn.Module.__getattr__: 21 attribute look-ups took 14 us a call on a CPU
+    sub, p = module._modules, module._parameters
     return StarWeights(
-        module.score_proj.weight, module.score_proj.bias, module.score_vec,
-        module.gate_fc1.weight, module.gate_fc1.bias, module.gate_fc2.weight, module.gate_fc2.bias,
-        module.refine_fc1.weight, module.refine_fc1.bias, module.refine_fc2.weight, module.refine_fc2.bias,
+        sub["score_proj"]._parameters["weight"], sub["score_proj"]._parameters["bias"], p["score_vec"],
+        sub["gate_fc1"]._parameters["weight"], sub["gate_fc1"]._parameters["bias"],
+        sub["gate_fc2"]._parameters["weight"], sub["gate_fc2"]._parameters["bias"],
+        sub["refine_fc1"]._parameters["weight"], sub["refine_fc1"]._parameters["bias"],
+        sub["refine_fc2"]._parameters["weight"], sub["refine_fc2"]._parameters["bias"],
     )
 
 
