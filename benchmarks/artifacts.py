@@ -118,7 +118,7 @@ class Artifacts:
                           "versions": {k: versions[k] for k in ("star-esc", "torch", "onnxruntime", "optimum-onnx")}}
 
     def _cached(self, name: str, key: dict[str, Any], build: Callable[[Path], None]) -> Path:
-        from star_training.folders import write_text_atomically
+        from star_runtime.atomic import write_text_atomically
 
         path = self.work_dir / name
         if name in self._done:

@@ -71,7 +71,7 @@ def print_table(result: dict[str, Any], console: Console) -> None:
 
 
 def write_json(result: dict[str, Any], path: Path) -> None:
-    from star_training.folders import write_text_atomically
+    from star_runtime.atomic import write_text_atomically
 
     write_text_atomically(path, json.dumps(result, indent=2) + "\n")
 

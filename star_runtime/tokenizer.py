@@ -31,6 +31,7 @@ import os
 import re
 from pathlib import Path
 
+from star_runtime.atomic import write_text_atomically
 from star_runtime.strategies import STRATEGIES
 
 PAD, BOS, EOS, UNK = "__null__", "__start__", "__end__", "__unk__"
@@ -56,12 +57,6 @@ def _read_json(path: Path) -> object:
         raise TokenizerError(f"{path}: cannot read: {err}") from None
     except json.JSONDecodeError as err:
         raise TokenizerError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 class Tokenizer:
@@ -167,7 +162,7 @@ class Tokenizer:
             "tokenizer_config.json": dump(config),
         }
         for name, text in files.items():
-            _write_atomic(folder / name, text)
+            write_text_atomically(folder / name, text)
 
     # ---------------------------------------------------------------- encode
     def _bpe(self, word: str) -> list[str]:

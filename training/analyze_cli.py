@@ -41,7 +41,7 @@ from star_training.cli_common import (
 from star_training.cluster_plot import Panel, plot_panels
 from star_training.data import Example, build_examples, collate, load_conversations
 from star_training.distributed import resolve_device
-from star_training.folders import write_text_atomically
+from star_runtime.atomic import write_text_atomically
 from star_training.hidden_clusters import K, STATE_FUSED, STATE_H, cluster_states, response_states
 from star_training.interference import GROUPS, Interval, gradient_cosine
 from star_training.run_state import read_train_config

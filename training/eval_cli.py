@@ -34,7 +34,7 @@ from star_training.cli_common import (
 from star_training.data import SPLITS, build_examples, load_conversations
 from star_training.distributed import resolve_device
 from star_training.evaluation import DecodingSettings, evaluate
-from star_training.folders import write_text_atomically
+from star_runtime.atomic import write_text_atomically
 from star_training.report import PAPER_TABLE_2, markdown_table, table_rows
 from star_training.run_state import read_train_config
 

@@ -46,14 +46,6 @@ def existing_folder(dest: Path) -> Path | None:
     return None
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file beside it and one rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_figure_atomically(fig, png: Path, *, dpi: int = 100) -> None:
     """Write a matplotlib figure to `png` through a temporary file, then close the figure."""
     import matplotlib.pyplot as plt
