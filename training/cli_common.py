@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from star_runtime.bundle import BundleError
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 from star_training.checkpoint import CheckpointError
 from star_training.data import DataError
@@ -98,7 +99,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run `body`, turning the errors a user can cause into `prog: error: ...` and an exit code."""
     try:
         return body()
-    except (CliError, CheckpointError, DataError, TokenizerError, DeviceError) as exc:
+    except (CliError, CheckpointError, DataError, TokenizerError, DeviceError, BundleError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -61,11 +61,13 @@ PRESETS: dict[str, dict[str, int]] = {
     # Unit tests: 1.8M parameters (1.76M of them the embedding at the real vocabulary size).
     "tiny": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                  decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64),
-    # A smaller BlenderBot-Small for training on ESConv on a 2-core CPU, aiming at about an hour
-    # per stage: 21.7M parameters at the real vocabulary size (14.1M of them the embedding),
-    # against 87.5M for "base"; STAR adds 0.33M. A starting point only: the final size is
-    # chosen later by validation PPL.
-    "compact": dict(d_model=256, encoder_layers=4, decoder_layers=4, encoder_attention_heads=4,
+    # A smaller BlenderBot-Small that trains on ESConv on a 2-core CPU in about an hour per stage
+    # (4 epochs of 12,271 examples at ~1.1 s per batch of 16): 18.3M parameters at the real
+    # vocabulary size (14.1M of them the embedding), against 87.5M for "base". Chosen by
+    # validation PPL at equal training time among the sizes that fit that hour
+    # (star_training.size_sweep; docs/results.md): 278.6 against 285.0 (d128, 4+4 layers) and
+    # 299.0 (d192, 3+3) after 150 s each.
+    "compact": dict(d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
                     decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024),
     # Exactly facebook/blenderbot_small-90M (its config.json).
     "base": dict(d_model=512, encoder_layers=8, decoder_layers=8, encoder_attention_heads=16,
