@@ -311,13 +311,28 @@ def test_bad_safety_config_and_unavailable_device_give_one_line(bundle, tmp_path
         assert "cuda" in _one_line_error(run_pipe(["--model", str(bundle), "--device", "cuda"], ["hi"]))
 
 
-def test_no_model_says_how_to_build_one_or_loads_the_packaged_default(monkeypatch) -> None:
+def test_no_model_loads_the_shipped_default(monkeypatch) -> None:
+    from star_runtime.bundle import load_manifest
     from star_runtime.chat import default_bundle
 
     monkeypatch.delenv("STAR_BUNDLE", raising=False)
+    shipped = default_bundle()
+    assert shipped is not None, "star_runtime/data/default_bundle is missing (issue 8 ships it)"
+    manifest = load_manifest(shipped)  # every file present, sizes and sha256 as exported
+    assert manifest["precision"] == "int8"
+    assert sum(f.stat().st_size for f in shipped.iterdir()) < 30e6  # the issue's ~30 MB bound
+    card = (shipped / "README.md").read_text(encoding="utf-8")
+    assert "CC BY-NC 4.0" in card and "random weights" in card
     done = run_pipe([], ["hello"])
-    if default_bundle() is None:
-        err = _one_line_error(done)
-        assert "star-train" in err and "star-export" in err and "--model" in err
-    else:  # the shipped default (issue 8) answers
-        assert done.returncode == 0 and "reply" in json.loads(done.stdout)
+    assert done.returncode == 0 and "reply" in json.loads(done.stdout)
+
+
+def test_no_model_anywhere_says_how_to_build_one(monkeypatch, tmp_path) -> None:
+    from star_runtime import chat
+
+    monkeypatch.setattr(chat, "PACKAGED_BUNDLE", ("data", "no-such-bundle"))
+    monkeypatch.delenv("STAR_BUNDLE", raising=False)
+    assert chat.default_bundle() is None
+    with pytest.raises(chat.ChatError) as err:
+        chat.load_runtime(chat.build_parser().parse_args([]))
+    assert all(hint in str(err.value) for hint in ("star-train", "star-export", "--model"))
