@@ -56,22 +56,25 @@ class StarConfig:
         return cls(**d)
 
 
+def sized(d_model: int, layers: int, ffn: int, heads: int) -> dict[str, int]:
+    """The size of a base: `layers` encoder and `layers` decoder layers of width d_model."""
+    return dict(d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
+                decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn)
+
+
 # Sizes of the base. Everything not listed is the real facebook/blenderbot_small-90M config.
 PRESETS: dict[str, dict[str, int]] = {
     # Unit tests: 1.8M parameters (1.76M of them the embedding at the real vocabulary size).
-    "tiny": dict(d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                 decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64),
+    "tiny": sized(32, 2, 64, heads=4),
     # A smaller BlenderBot-Small that trains on ESConv on a 2-core CPU in about an hour per stage
     # (4 epochs of 12,271 examples at ~1.1 s per batch of 16): 18.3M parameters at the real
     # vocabulary size (14.1M of them the embedding), against 87.5M for "base". Chosen by
     # validation PPL at equal training time among the sizes that fit that hour
     # (star_training.size_sweep; docs/results.md): 278.6 against 285.0 (d128, 4+4 layers) and
     # 299.0 (d192, 3+3) after 150 s each.
-    "compact": dict(d_model=256, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                    decoder_attention_heads=4, encoder_ffn_dim=1024, decoder_ffn_dim=1024),
+    "compact": sized(256, 2, 1024, heads=4),
     # Exactly facebook/blenderbot_small-90M (its config.json).
-    "base": dict(d_model=512, encoder_layers=8, decoder_layers=8, encoder_attention_heads=16,
-                 decoder_attention_heads=16, encoder_ffn_dim=2048, decoder_ffn_dim=2048),
+    "base": sized(512, 8, 2048, heads=16),
 }
 
 # The rest of facebook/blenderbot_small-90M's config.json that changes the computation.

@@ -16,27 +16,22 @@ import json
 import time
 from pathlib import Path
 
-from star_training.cli_common import DEFAULT_TOKENIZER, add_common_args, positive_int, resolve_data_path, run_cli
-from star_training.config import PRESETS
+from star_training.cli_common import (DEFAULT_TOKENIZER, add_common_args, positive_float, positive_int,
+                                      resolve_data_path, run_cli)
+from star_training.config import PRESETS, sized
 from star_training.distributed import setup
 from star_training.teacher_forced import teacher_forced_scores
 from star_training.trainer import TrainConfig, Trainer, epoch_steps, lambda_for_epoch
 from star_runtime.atomic import write_text_atomically
 
 
-def size(d_model: int, layers: int, ffn: int, heads: int = 4) -> dict[str, int]:
-    """A PRESETS entry: `layers` encoder and decoder layers of width d_model."""
-    return dict(d_model=d_model, encoder_layers=layers, decoder_layers=layers, encoder_attention_heads=heads,
-                decoder_attention_heads=heads, encoder_ffn_dim=ffn, decoder_ffn_dim=ffn)
-
-
-# Candidates at most ~13 min per epoch of the 12,271 train examples on a 2-core CPU at batch 16
+# Candidates at most ~14 min per epoch of the 12,271 train examples on a 2-core CPU at batch 16
 # (measured: d256 4+4 18.8 min, d256 2+2 14.0, d192 3+3 13.1), so that the 4 epochs the dynamic
 # lambda needs (lambda(E_max) <= 1 from E_max = 4 at lambda0 0.8) fit in an hour per stage.
 CANDIDATES: dict[str, dict[str, int]] = {
-    "d256-L2-ffn1024": size(256, 2, 1024),
-    "d192-L3-ffn768": size(192, 3, 768),
-    "d128-L4-ffn512": size(128, 4, 512),
+    "d256-L2-ffn1024": sized(256, 2, 1024, heads=4),
+    "d192-L3-ffn768": sized(192, 3, 768, heads=4),
+    "d128-L4-ffn512": sized(128, 4, 512, heads=4),
 }
 
 
@@ -63,9 +58,9 @@ def main(argv: list[str] | None = None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--out", type=Path, default=Path("runs/size-sweep"))
-    p.add_argument("--seconds", type=float, default=150.0, help="training time per candidate")
+    p.add_argument("--seconds", type=positive_float, default=150.0, help="training time per candidate")
     p.add_argument("--valid-examples", type=positive_int, default=800)
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--lr", type=positive_float, default=5e-4)
     p.add_argument("--batch-size", type=positive_int, default=16)
     p.add_argument("--candidates", nargs="+", choices=tuple(CANDIDATES), default=list(CANDIDATES))
 
@@ -76,9 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         results = {}
         for name in args.candidates:
             PRESETS[name] = CANDIDATES[name]  # load_model(preset=...) reads PRESETS
-            cfg = TrainConfig(out=str(args.out / name), data=str(data), tokenizer=str(DEFAULT_TOKENIZER), seed=args.seed or 42,
-                              preset=name, lr=args.lr, epochs=4, warmup_steps=30, batch_size=args.batch_size,
-                              global_batch=args.batch_size, device="cpu")
+            cfg = TrainConfig(out=str(args.out / name), data=str(data), tokenizer=str(DEFAULT_TOKENIZER),
+                              seed=42 if args.seed is None else args.seed, preset=name, lr=args.lr, epochs=4,
+                              warmup_steps=30, batch_size=args.batch_size, global_batch=args.batch_size,
+                              device=args.device or "auto")
             results[name] = train_for(cfg, args.seconds, args.valid_examples)
             r = results[name]
             print(f"{name:18s} {r['parameters'] / 1e6:5.1f}M params  {r['steps']:4d} steps "
