@@ -6,7 +6,11 @@
 Modes: "fwd" (inference forward over [B, T, d]), "fwd+bwd" (training step of the module: forward,
 then backward into h and every weight), "step" (one decoding position with the streaming state).
 Providers: "fused" (StarModule(backend="triton"): kernels/star_triton.py), "eager"
-(StarModule(backend="torch"): kernels/reference.py), "compile" (torch.compile of the eager module).
+(StarModule(backend="torch"): kernels/reference.py), "compile" (torch.compile of the eager module),
+and with --graphs "eager graphed" and "fused graphed" (fwd and fwd+bwd: a copy of the module
+whose call replays CUDA graphs made by torch.cuda.make_graphed_callables, so the host's launch
+work is gone and the time is the GPU's; the ratio to "eager" says what CUDA graphs in the
+caller would buy, the ratio between the two what the kernels buy once neither is host-bound).
 
 Defaults put the headline first (bf16, fwd+bwd, batch 128), and the JSON is rewritten after
 every shape, so a run cut short keeps what it measured.
@@ -77,6 +81,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tiles", default="",
                    help="extra fused rows with star_triton.TILES set to each BLOCK_NxBLOCK_KxSTAGES, "
                         "comma-separated (a tuning sweep), e.g. 64x64x3")
+    p.add_argument("--graphs", action="store_true",
+                   help="also time eager and fused fwd and fwd+bwd replayed from CUDA graphs")
     p.add_argument("--profile", action="store_true",
                    help="also list the GPU kernels of one fused and one eager fwd+bwd "
                         "(first precision, largest batch)")
@@ -158,6 +164,19 @@ def call(torch, forward, step, params, mode, h, h0, mask, dy, state):
         return torch.no_grad()(lambda: forward(h, mask)), None
     hg = h.detach().requires_grad_()
     return (lambda: forward(hg, mask).backward(dy)), [hg, *params]
+
+
+def graphed(torch, module, mode: str, h, mask):
+    """A copy of module whose forward (and its backward) replays CUDA graphs captured on h and mask.
+
+    The copy keeps the module's weights (its own Parameters, so its gradients are its own);
+    make_graphed_callables runs 3 warm-up calls on a side stream before capturing, so Triton
+    compiles and cuBLAS picks its kernels outside the capture."""
+    import copy
+
+    clone = copy.deepcopy(module)
+    sample = h.detach().requires_grad_(mode == "fwd+bwd")
+    return torch.cuda.make_graphed_callables(clone, (sample, mask))
 
 
 def outputs(torch, forward, step, params, mode, h, h0, mask, dy, state) -> list:
@@ -260,18 +279,27 @@ def main(argv: list[str] | None = None) -> int:
                 eager = StarModule(args.d, backend="torch").to("cuda", dtype)
                 fused = StarModule(args.d, backend="triton").to("cuda", dtype)
                 fused.load_state_dict(eager.state_dict())
-                providers = {"eager": (eager, eager.step), "fused": (fused, fused.step)}
+                # label: (forward, step, the parameters whose gradients a fwd+bwd writes)
+                providers = {"eager": (eager, eager.step, list(eager.parameters())),
+                             "fused": (fused, fused.step, list(fused.parameters()))}
                 if B in args.compile_batches:
                     providers["compile"] = (torch.compile(eager, dynamic=False),
-                                            torch.compile(eager.step, dynamic=False))
+                                            torch.compile(eager.step, dynamic=False), providers["eager"][2])
                 h = torch.randn(B, T, args.d, device="cuda", dtype=dtype)
                 h0 = h[:, 0].contiguous()
                 mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
                 mask[B // 2:, T - T // 4:] = False  # padded tails, as in a batch of replies
                 dy = torch.randn_like(h)
                 state = empty_state(B, args.d, device="cuda", dtype=dtype)  # the reference steps in h's dtype
-                params = {"eager": list(eager.parameters()), "fused": list(fused.parameters())}
-                params["compile"] = params["eager"]
+                if args.graphs and mode != "step":
+                    for label, module in (("eager graphed", eager), ("fused graphed", fused)):
+                        try:
+                            clone = graphed(torch, module, mode, h, mask)
+                        except Exception as exc:  # capture can fail (a host sync, a new Triton version): say so
+                            console.print(f"[red]{name} {mode} B={B} {label}: capture failed: "
+                                          f"{type(exc).__name__}: {str(exc)[:300]}")
+                            continue
+                        providers[label] = (clone, None, list(clone.parameters()))
                 inputs = (mode, h, h0, mask, dy, state)
                 reference = StarModule(args.d, backend="torch").to("cuda")  # float32, same rounded weights
                 reference.load_state_dict(eager.state_dict())
@@ -280,10 +308,10 @@ def main(argv: list[str] | None = None) -> int:
                               mode, h.float(), h0.float(), mask, dy.float(), empty_state(B, args.d, device="cuda"))
                 torch.set_float32_matmul_precision(mm_precision)
 
-                def measure(label, forward, step):
-                    fn, grads = call(torch, forward, step, params[label.split()[0]], *inputs)
+                def measure(label, forward, step, params):
+                    fn, grads = call(torch, forward, step, params, *inputs)
                     ms = do_bench(fn, grad_to_none=grads, return_mode="median")
-                    got = outputs(torch, forward, step, params[label.split()[0]], *inputs)
+                    got = outputs(torch, forward, step, params, *inputs)
                     err = max(((a.float() - r).norm() / r.norm().clamp_min(1e-30)).item() for a, r in zip(got, ref))
                     return ms, host_ms(torch, fn, grads), err
 
@@ -295,8 +323,8 @@ def main(argv: list[str] | None = None) -> int:
                 for bm in args.min_block_m:
                     settings = dict.fromkeys(block_attrs, bm)
                     if block_m(mode, T, settings) != block_m(mode, T, {}):  # else the default's row block
-                        variants.append((f"fused bm>={bm}", (fused, fused.step), settings))
-                variants += [("fused tiles {}x{}x{}".format(*t), (fused, fused.step), {"TILES": star_triton.Tiles(*t)})
+                        variants.append((f"fused bm>={bm}", providers["fused"], settings))
+                variants += [("fused tiles {}x{}x{}".format(*t), providers["fused"], {"TILES": star_triton.Tiles(*t)})
                              for t in args.tiles]
                 results = {}
                 for label, fns, settings in variants:

@@ -51,13 +51,23 @@ class Reply:
 
 
 def clean_message(text: object) -> str:
-    """The message with control characters turned into spaces; ValueError if nothing is left."""
+    """The message with control characters turned into spaces.
+
+    ValueError if nothing is left, or if it is binary data: more than a quarter of its visible
+    characters are NUL or U+FFFD (what star-chat reads for bytes that are not UTF-8). Piped
+    binary files are about half such bytes; a Latin-1 sentence typed on a terminal not set to
+    UTF-8 has a few (French prose: 2-4% accented letters), so it is still answered."""
     if not isinstance(text, str):
         raise ValueError(f"a message is text, not {type(text).__name__}")
-    text = "".join(" " if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
-    if not text.strip():
+    cleaned = "".join(" " if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
+    if not cleaned.strip():
         raise ValueError("empty message")
-    return text
+    visible = sum(not c.isspace() for c in text)
+    binary = text.count("\ufffd") + text.count("\x00")
+    if 4 * binary > visible:
+        raise ValueError(f"binary data, not text: {binary} of its {visible} characters are NUL "
+                         "or bytes that are not UTF-8")
+    return cleaned
 
 
 class Conversation:

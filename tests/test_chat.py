@@ -248,13 +248,14 @@ def test_pipe_mode_answers_one_json_line_per_input_line(bundle, labels, tmp_path
                                      "fr": ["Appelez le 3114, jour et nuit."]}), encoding="utf-8")
     lines = ["hello, I had a rough week at work", "", "   ", "mon chat est mort 😿🙏", "x" * 100_000,
              "I want to end my life tonight", "I would never hurt myself, I just feel tired",
-             b"caf\xe9 \xff not UTF-8"]
+             b"caf\xe9 \xff not UTF-8", b"\x00\xff\xfe\x00\x89PNG\x00\x1a"]
     done = run_pipe(["--model", str(bundle), "--seed", "0", "--safety-config", str(resources),
                      "--locale", "fr-FR"], lines)
     assert done.returncode == 0 and done.stderr == b""  # no banner, no warning
     out = [json.loads(line) for line in done.stdout.decode("utf-8").splitlines()]
     assert len(out) == len(lines)
     assert out[1] == out[2] == {"error": "empty message"}
+    assert out[8]["error"].startswith("binary data, not text")
     for i in (0, 3, 4, 6, 7):  # answered by the model
         assert set(out[i]) == {"reply", "strategy", "strategy_probs", "escalated", "timings"}
         assert out[i]["reply"] and out[i]["strategy"] in labels and out[i]["escalated"] is False

@@ -124,6 +124,20 @@ def test_empty_messages_are_refused(rt, message):
         rt.conversation().reply(message)
 
 
+@pytest.mark.parametrize("raw", [bytes(range(256)), b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\x00\x00\x02\x80"])
+def test_binary_data_is_refused(rt, raw):
+    message = raw.decode("utf-8", errors="replace")  # as star-chat reads stdin
+    conv = rt.conversation()
+    with pytest.raises(ValueError, match="binary data, not text"):
+        conv.reply(message)
+    assert conv.context_ids() == []  # nothing of it entered the history
+
+
+def test_a_few_bytes_that_are_not_utf8_are_still_answered(rt):
+    message = "j'ai tr\xe8s peur de ne pas y arriver".encode("latin-1").decode("utf-8", errors="replace")
+    assert rt.conversation(seed=0).reply(message).text
+
+
 def test_crisis_message_escalates_without_the_model(rt):
     reply = rt.conversation(seed=0).reply("I want to kill myself tonight")
     assert reply.escalated and reply.strategy is None and reply.strategy_probs == {}
