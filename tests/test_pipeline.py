@@ -49,14 +49,17 @@ def test_issue_8_commands_run_end_to_end_on_a_slice_of_esconv(esconv_dir, tokeni
 
     assert train_main(["--stage", "1", "--preset", "tiny", *train, "--out", str(runs / "joint")]) == 0
     assert train_main(["--stage", "2", "--init", str(runs / "joint" / "best"), *train, "--out", str(runs / "star")]) == 0
+    # the Joint control: stage 1 again from Joint, for the steps stage 2 was given
+    assert train_main(["--stage", "1", "--init", str(runs / "joint" / "last"), *train, "--max-steps", "4",
+                       "--out", str(runs / "joint-control")]) == 0
     for run in ("joint", "star"):
         records = [json.loads(line) for line in (runs / run / "log.jsonl").read_text().splitlines()]
         assert sum(r["kind"] == "valid" for r in records) == 4
         assert (runs / run / "curves.png").stat().st_size > 0
 
-    for run in ("joint", "star"):
+    for run, model in (("joint", "best"), ("star", "best"), ("joint-control", "last")):  # the control stops mid epoch 1
         out = runs / f"eval-{run}"
-        assert eval_main([str(runs / run / "best"), *common, "--split", "test", "--limit", "8",
+        assert eval_main([str(runs / run / model), *common, "--split", "test", "--limit", "8",
                           "--out", str(out)]) == 0
         scores = json.loads((out / "scores.json").read_text())
         assert scores["examples"] == 8 and scores["teacher_forced"]["ppl"] > 1

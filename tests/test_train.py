@@ -110,6 +110,26 @@ def test_stage_2_changes_only_star_and_the_embedding(stage1_run, data_dir, token
     assert json.loads((tmp_path / "last" / "star_config.json").read_text())["use_star"] is True
 
 
+def test_stage_1_from_a_joint_checkpoint_continues_joint_training(stage1_run, data_dir, tokenizer_dir,
+                                                                  tmp_path) -> None:
+    """The Joint control of docs/results.md: stage 1 again from a stage-1 checkpoint trains the
+    base from those weights (not from a fresh initialisation) and leaves STAR bypassed."""
+    before = weights(stage1_run / "last")
+    argv = ["--stage", "1", "--init", str(stage1_run / "last"), "--data", str(data_dir), "--out", str(tmp_path),
+            "--batch-size", "4", "--global-batch", "8", "--warmup-steps", "0", "--lr", "1e-3", "--epochs", "4",
+            "--max-steps", "2"]
+    assert train_cli.main(argv) == 0
+    after = weights(tmp_path / "last")
+    assert after.keys() == before.keys()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert "model.shared.weight" in changed and not any(k.startswith("star.") for k in changed)
+    assert len(changed) > len(before) // 2  # the base trains, not only the embedding
+    # Adam moves a weight by at most lr a step, so 2 steps 2e-3; the checkpoint's 12 steps at 1e-2
+    # took its weights about 0.1 from any fresh initialisation
+    assert max((after[k] - before[k]).abs().max().item() for k in changed) < 3e-3, "not started from --init"
+    assert json.loads((tmp_path / "last" / "star_config.json").read_text())["use_star"] is False
+
+
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
     data_dir, tokenizer_dir, tmp_path, monkeypatch, capsys
 ) -> None:
