@@ -32,9 +32,9 @@ Two modes, chosen by whether stdin is a terminal:
   `{"reply", "strategy", "strategy_probs", "escalated", "timings"}` (star_runtime.transcript
   .reply_record), or `{"error": "..."}` for a line the runtime refuses: an empty or
   whitespace-only line gets `{"error": "empty message"}` rather than being skipped, to keep the
-  pairing, and binary data `{"error": "binary data, not text: ..."}`. Commands are not read there (a line starting with "/" is a message), and nothing but
-  the JSON lines goes to stdout (no banner). Input and output are UTF-8 whatever the locale;
-  undecodable bytes become U+FFFD.
+  pairing, and binary data `{"error": "binary data, not text: ..."}`. Commands are not read
+  there (a line starting with "/" is a message), and nothing but the JSON lines goes to stdout
+  (no banner). Input and output are UTF-8 whatever the locale; undecodable bytes become U+FFFD.
 """
 
 from __future__ import annotations

@@ -96,38 +96,36 @@ def test_plain_progress_lines_when_not_a_terminal(data_dir, tokenizer_dir, tmp_p
     assert "stopped at --max-steps 2" in out
 
 
-def test_stage_2_changes_only_star_and_the_embedding(stage1_run, data_dir, tokenizer_dir, tmp_path) -> None:
-    before = weights(stage1_run / "last")
-    argv = ["--stage", "2", "--init", str(stage1_run / "last"), "--data", str(data_dir), "--out", str(tmp_path),
+def two_steps_from(init: Path, stage: str, data_dir: Path, out: Path) -> tuple[dict, dict, set[str], bool]:
+    """(weights before, after, the names that changed, use_star) of 2 steps at lr 1e-3 from init."""
+    before = weights(init)
+    argv = ["--stage", stage, "--init", str(init), "--data", str(data_dir), "--out", str(out),
             "--batch-size", "4", "--global-batch", "8", "--warmup-steps", "0", "--lr", "1e-3", "--epochs", "4",
             "--max-steps", "2"]
     assert train_cli.main(argv) == 0
-    after = weights(tmp_path / "last")
+    after = weights(out / "last")
     assert after.keys() == before.keys()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
+    return before, after, changed, json.loads((out / "last" / "star_config.json").read_text())["use_star"]
+
+
+def test_stage_2_changes_only_star_and_the_embedding(stage1_run, data_dir, tmp_path) -> None:
+    before, _, changed, use_star = two_steps_from(stage1_run / "last", "2", data_dir, tmp_path)
     trainable = {k for k in before if k.startswith("star.")} | {"model.shared.weight"}
     assert changed == trainable  # every STAR tensor and the tied embedding moved; nothing else did
-    assert json.loads((tmp_path / "last" / "star_config.json").read_text())["use_star"] is True
+    assert use_star is True
 
 
-def test_stage_1_from_a_joint_checkpoint_continues_joint_training(stage1_run, data_dir, tokenizer_dir,
-                                                                  tmp_path) -> None:
+def test_stage_1_from_a_joint_checkpoint_continues_joint_training(stage1_run, data_dir, tmp_path) -> None:
     """The Joint control of docs/results.md: stage 1 again from a stage-1 checkpoint trains the
     base from those weights (not from a fresh initialisation) and leaves STAR bypassed."""
-    before = weights(stage1_run / "last")
-    argv = ["--stage", "1", "--init", str(stage1_run / "last"), "--data", str(data_dir), "--out", str(tmp_path),
-            "--batch-size", "4", "--global-batch", "8", "--warmup-steps", "0", "--lr", "1e-3", "--epochs", "4",
-            "--max-steps", "2"]
-    assert train_cli.main(argv) == 0
-    after = weights(tmp_path / "last")
-    assert after.keys() == before.keys()
-    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    before, after, changed, use_star = two_steps_from(stage1_run / "last", "1", data_dir, tmp_path)
     assert "model.shared.weight" in changed and not any(k.startswith("star.") for k in changed)
     assert len(changed) > len(before) // 2  # the base trains, not only the embedding
     # Adam moves a weight by at most lr a step, so 2 steps 2e-3; the checkpoint's 12 steps at 1e-2
     # took its weights about 0.1 from any fresh initialisation
     assert max((after[k] - before[k]).abs().max().item() for k in changed) < 3e-3, "not started from --init"
-    assert json.loads((tmp_path / "last" / "star_config.json").read_text())["use_star"] is False
+    assert use_star is False
 
 
 def test_interrupted_and_resumed_run_ends_with_the_same_weights(
