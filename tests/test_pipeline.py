@@ -1,7 +1,8 @@
 """Issue 8's commands end to end on a slice of the real ESConv data (docs/results.md, small).
 
-size sweep -> star-train stage 1 (Joint) -> stage 2 (+ STAR) -> star-eval both -> star-analyze
-both -> star-export float32 and int8 -> star_export.quality -> star-chat on the int8 bundle.
+size sweep -> star-train stage 1 (Joint) -> stage 2 (+ STAR) and the Joint control (stage 1 again
+from Joint) -> star-eval all three -> star-analyze Joint and STAR -> star-export float32 and int8
+-> star_export.quality -> star-chat on the int8 bundle.
 The same commands as docs/results.md, with the tiny preset and a few conversations, so the
 pipeline is checked where the real run is an hour per stage. The slice is written to tmp (the
 data are licensed and stay in ../shared).
