@@ -19,10 +19,14 @@ Two modes, chosen by whether stdin is a terminal:
 
 - Interactive (stdin is a TTY). A banner names the bundle (path, model config from its manifest),
   the device, and says that this is a support tool, not a substitute for professional help. Reply
-  tokens stream as the runtime generates them (its `on_token` callback); each reply ends with a
-  line giving its strategy, with its timings under `--timings`, and the strategy probabilities
-  follow under `--show-probs`. An escalated reply is shown in a red panel in place of the streamed
-  text (a replaced model reply does not stay on screen). Commands: /help, /reset, /situation TEXT,
+  text streams as the runtime passes it on (its `on_token` callback gets only text the safety
+  screen has passed, so nothing on screen is ever erased); each reply ends with a line giving its
+  strategy, with its timings under `--timings`, and the strategy probabilities follow under
+  `--show-probs`. An escalated reply is shown in a red panel; a situation in crisis (`--situation`
+  or `/situation`) gets that panel as soon as it is set. Lines are read with GNU readline where
+  Python has it, so a paste longer than the terminal's 4,095-character line limit is read whole;
+  without readline a line that reaches the limit is refused with a message saying it was too long
+  (after the safety check of what arrived). Commands: /help, /reset, /situation TEXT,
   /strategy, /save FILE, /quit. Ctrl-C during a reply ends that reply (the callback returns False)
   and the session goes on; Ctrl-C or Ctrl-D at the prompt ends the session with exit code 0.
   Nothing is written to disk unless /save asks (a transcript: star_runtime/transcript.py).
@@ -50,7 +54,6 @@ from pathlib import Path
 from typing import TextIO
 
 from rich.console import Console
-from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
@@ -60,6 +63,9 @@ from star_runtime.safety import SafetyPolicy
 from star_runtime.transcript import Transcript, reply_record
 
 BUNDLE_ENV = "STAR_BUNDLE"
+# A terminal in canonical mode keeps at most 4,095 characters of a line (Linux's N_TTY_BUF_SIZE
+# of 4,096, less the newline) and drops the rest without a word.
+TTY_LINE_LIMIT = 4095
 PACKAGED_BUNDLE = ("data", "default_bundle")  # star_runtime/data/default_bundle/, issue 8 ships it
 
 NO_BUNDLE = (
@@ -151,13 +157,23 @@ class Session:
                                          do_sample=False if self.args.greedy else None)
         self.transcript.new_conversation(self.situation, self.args.seed)
         self.last_reply: Reply | None = None
+        if (opening := self.conv.situation_reply()) is not None:  # the situation is a crisis
+            self.last_reply = opening
+            self.transcript.add_turn("(situation)", opening)
+            self.show(opening, stopped=False)
 
     def run(self) -> int:
         """Until /quit, Ctrl-D or Ctrl-C outside a reply; always exit code 0."""
         try:
+            import readline  # noqa: F401  input() then reads in non-canonical mode: no line limit
+        except ImportError:
+            readline = None
+        try:
             while True:
                 line = self.console.input("[bold green]you[/]> ")
-                if line.strip().startswith("/"):
+                if readline is None and len(line) >= TTY_LINE_LIMIT:
+                    self.too_long(line)
+                elif line.strip().startswith("/"):
                     if not self.command(line.strip()):
                         return 0
                 elif line.strip():
@@ -165,6 +181,15 @@ class Session:
         except (EOFError, KeyboardInterrupt):
             self.console.print()
             return 0
+
+    def too_long(self, line: str) -> None:
+        """A line the terminal may have cut at its limit: checked for a crisis, else refused."""
+        verdict = self.rt.safety.check_user(line)
+        if verdict.escalate:
+            self.say(line)
+            return
+        self.console.print(Text(f"that message reached the terminal's line limit ({TTY_LINE_LIMIT:,} characters) "
+                                "and may have been cut; please send it in shorter parts", style="red"))
 
     def command(self, line: str) -> bool:
         """Run one command; False means end the session."""
@@ -208,35 +233,40 @@ class Session:
         return True
 
     def say(self, text: str) -> None:
-        """Reply to `text`: stream the tokens, then show the reply as it stands."""
+        """Reply to `text`: print the text the runtime passes on as it comes, then the footer."""
         stop = threading.Event()
-        streamed = Text()
+        shown: list[str] = []
+
+        def on_token(piece: str) -> bool:
+            if not shown:
+                self.console.print(Text("star", style="bold cyan"), "> ", sep="", end="")
+            shown.append(piece)
+            self.console.print(Text(piece), end="", soft_wrap=True)
+            self.console.file.flush()
+            return not stop.is_set()  # False ends the reply at this piece
+
         try:
-            # transient: the streamed text is erased and the final reply printed in its place,
-            # so a reply that the safety screen replaced does not stay on screen.
-            with _ctrl_c_sets(stop), Live(streamed, console=self.console, auto_refresh=False,
-                                          transient=True) as live:
-
-                def on_token(piece: str) -> bool:
-                    streamed.append(piece)
-                    live.refresh()
-                    return not stop.is_set()  # False ends the reply at this token
-
+            with _ctrl_c_sets(stop):
                 reply = self.conv.reply(text, on_token=on_token)
         except ValueError as err:  # a message the runtime refuses
             self.console.print(Text(str(err), style="red"))
             return
+        finally:
+            if shown:
+                self.console.print()
         self.last_reply = reply
         self.transcript.add_turn(text, reply)
-        self.show(reply, stopped=stop.is_set())
+        self.show(reply, stopped=stop.is_set(), streamed=bool(shown))
 
-    def show(self, reply: Reply, *, stopped: bool) -> None:
+    def show(self, reply: Reply, *, stopped: bool, streamed: bool = False) -> None:
         if reply.escalated:
             self.console.print(Panel(Text(reply.text), title="please reach out to a person",
                                      border_style="bold red", title_align="left"))
-        else:
+        elif not streamed:
             self.console.print(Text.assemble(("star", "bold cyan"), "> ", reply.text))
-        if reply.strategy is None:
+        if reply.escalation is not None and reply.escalation.trigger == "situation":
+            footer = "escalated: the situation describes a crisis; the model did not run"
+        elif reply.strategy is None:
             footer = "escalated: the safety layer answered; the model did not run"
         else:
             footer = f"strategy: {reply.strategy} ({reply.strategy_probs[reply.strategy]:.0%})"

@@ -4,9 +4,11 @@ One record shape serves both the saved transcript and star-chat's non-interactiv
 script reading either sees the same keys:
 
     {"reply": str, "strategy": str | null, "strategy_probs": {label: p}, "escalated": bool,
-     "timings": {name: ms or count}}
+     "escalation": {"trigger", "category", "signal"} | null, "timings": {name: ms or count}}
 
-(strategy null and strategy_probs empty: the safety layer answered and the model did not run.)
+(strategy null and strategy_probs empty: the safety layer answered and the model did not run.
+escalation: what triggered it (user_message, situation or model_reply), the category whose
+resources were given, and the rules section that matched; the matched words are left out.)
 
 A transcript file (written only on `/save FILE`):
 
@@ -39,6 +41,9 @@ def reply_record(reply: Reply) -> dict[str, Any]:
         "strategy": reply.strategy,
         "strategy_probs": {label: float(p) for label, p in reply.strategy_probs.items()},
         "escalated": bool(reply.escalated),
+        "escalation": None if reply.escalation is None else {
+            "trigger": reply.escalation.trigger, "category": reply.escalation.category,
+            "signal": reply.escalation.signal},
         "timings": dict(reply.timings),
     }
 

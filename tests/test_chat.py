@@ -150,7 +150,7 @@ def test_interactive_session_streams_and_runs_every_command(terminal, bundle, la
     # A crisis: the resources in a red panel, marked escalated; the model did not run.
     out = term.command("I want to kill myself", "escalated")
     assert "please reach out to a person" in out
-    assert all(line in out for line in SafetyPolicy.load().resources)
+    assert all(line in out for line in SafetyPolicy.load().resources("suicide_self_harm"))
     assert "safety layer" in term.command("/strategy")
 
     out = term.command("/help", "/quit")
@@ -184,13 +184,11 @@ def test_interactive_session_streams_and_runs_every_command(terminal, bundle, la
     assert second["situation"] == "I lost my job last week." and second["seed"] == 3
     assert [t["user"] for t in second["turns"]] == ["Can you help me?"]
 
-    # Streaming: before the final line, the first reply was on screen as a growing prefix of
-    # itself (a frame is what one refresh wrote after erasing the line: one per piece).
+    # Streaming: the first reply was printed once, as the screen passed it on, after "star> ",
+    # and nothing on screen was erased to make room for it (no erase-line or cursor-up codes).
     reply = first["turns"][0]["reply"]
-    frames = [ANSI.sub("", f).strip("\r\n") for f in streamed.split("\x1b[2K")]
-    growing = [f for f in frames if f and reply.startswith(f)]
-    assert len(set(growing)) >= 2 and len(growing[0]) < len(reply), frames[:5]
-    assert all(len(a) <= len(b) for a, b in zip(growing, growing[1:]))
+    assert ANSI.sub("", streamed).count(reply) == 1 and "star> " + reply in ANSI.sub("", streamed)
+    assert "\x1b[2K" not in streamed and "\x1b[1A" not in streamed
 
 
 def test_quit_command_ends_the_session(terminal) -> None:
@@ -226,15 +224,45 @@ def test_ctrl_c_during_a_reply_ends_that_reply_not_the_session(bundle) -> None:
 
             return conversation.reply(text, on_token=press)
 
+    full = Session(Runtime.load(bundle), build_parser().parse_args(["--seed", "0"]), console)
+    full.say("I can't sleep.")
     handler = signal.getsignal(signal.SIGINT)
     session.conv = CtrlCAfterFirstPiece()
     session.say("I can't sleep.")
-    assert session.last_reply.timings["tokens"] == 1
+    # stopped right after the first piece the screen passed on, before the whole reply
+    assert session.last_reply.timings["tokens"] < full.last_reply.timings["tokens"]
     assert "stopped (Ctrl-C)" in ANSI.sub("", console.file.getvalue())
     assert signal.getsignal(signal.SIGINT) is handler  # restored: Ctrl-C at the prompt ends again
     session.conv = conversation  # the session goes on
     session.say("Are you there?")
     assert session.last_reply.timings["tokens"] > 1
+
+
+def test_a_crisis_in_the_situation_gets_the_crisis_reply_at_once(terminal) -> None:
+    term = terminal("--situation", "I am going to kill myself tonight")
+    opening = term.text  # banner, then the panel, before the first prompt
+    assert "please reach out to a person" in opening and "the situation describes a crisis" in opening
+    assert all(line in opening for line in SafetyPolicy.load().resources("suicide_self_harm"))
+    out = term.command("/situation my stepdad hits me every night and I'm scared to go home", "escalated")
+    assert all(line in out for line in SafetyPolicy.load().resources("abuse_safeguarding"))
+    out = term.command("/situation I lost my job last week.", "situation set")
+    assert "please reach out" not in out
+
+
+def test_a_paste_longer_than_the_terminal_line_limit_is_read_whole(terminal) -> None:
+    term = terminal()
+    paste = "I have been thinking about everything that happened this year. " * 160
+    ending = " and tonight I will end my life"
+    paste = paste[:10_000 - len(ending)] + ending
+    assert len(paste) == 10_000
+    for k in range(0, len(paste), 500):  # type it as a terminal delivers a paste, draining the echo
+        term.type(paste[k:k + 500])
+        while term._read(0.05):
+            pass
+    term.type("\r")
+    out = term.read_until("you>")
+    assert "please reach out to a person" in out or "too long" in out, out[-500:]
+    assert "please reach out to a person" in out  # with readline: read whole, and escalated
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,7 +285,7 @@ def test_pipe_mode_answers_one_json_line_per_input_line(bundle, labels, tmp_path
     assert out[1] == out[2] == {"error": "empty message"}
     assert out[8]["error"].startswith("binary data, not text")
     for i in (0, 3, 4, 6, 7):  # answered by the model
-        assert set(out[i]) == {"reply", "strategy", "strategy_probs", "escalated", "timings"}
+        assert set(out[i]) == {"reply", "strategy", "strategy_probs", "escalated", "escalation", "timings"}
         assert out[i]["reply"] and out[i]["strategy"] in labels and out[i]["escalated"] is False
         assert list(out[i]["strategy_probs"]) == labels
         assert sum(out[i]["strategy_probs"].values()) == pytest.approx(1, abs=1e-4)
@@ -266,6 +294,16 @@ def test_pipe_mode_answers_one_json_line_per_input_line(bundle, labels, tmp_path
     assert crisis["escalated"] is True and crisis["strategy"] is None
     assert crisis["reply"] == SafetyPolicy.load(resources, "fr-FR").crisis_reply()
     assert "Appelez le 3114, jour et nuit." in crisis["reply"]
+
+
+def test_pipe_mode_a_crisis_situation_answers_the_first_line(bundle) -> None:
+    done = run_pipe(["--model", str(bundle), "--seed", "0", "--situation", "my boyfriend strangled me last night"],
+                    ["hello", "are you there?"])
+    first, second = (json.loads(line) for line in done.stdout.decode().splitlines())
+    assert first["escalated"] is True and first["escalation"]["trigger"] == "situation"
+    assert first["escalation"]["category"] == "abuse_safeguarding"
+    assert first["reply"] == SafetyPolicy.load().crisis_reply("abuse_safeguarding")
+    assert second["escalated"] is False and second["strategy"]
 
 
 def test_pipe_mode_greedy_ignores_the_seed_and_star_bundle_names_the_default(bundle) -> None:

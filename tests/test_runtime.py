@@ -141,7 +141,60 @@ def test_a_few_bytes_that_are_not_utf8_are_still_answered(rt):
 def test_crisis_message_escalates_without_the_model(rt):
     reply = rt.conversation(seed=0).reply("I want to kill myself tonight")
     assert reply.escalated and reply.strategy is None and reply.strategy_probs == {}
-    assert reply.text == rt.safety.crisis_reply()
+    assert reply.text == rt.safety.crisis_reply("suicide_self_harm")
+    assert (reply.escalation.trigger, reply.escalation.category) == ("user_message", "suicide_self_harm")
+    abuse = rt.conversation(seed=0).reply("my husband hits me and I'm scared to go home")
+    assert abuse.escalation.category == "abuse_safeguarding"
+    assert abuse.text == rt.safety.crisis_reply("abuse_safeguarding") != reply.text
+
+
+def test_a_crisis_in_the_situation_escalates(rt):
+    conv = rt.conversation(situation="I am going to kill myself tonight", seed=0)
+    opening = conv.situation_reply()
+    assert opening.escalated and opening.strategy is None
+    assert (opening.escalation.trigger, opening.escalation.category) == ("situation", "suicide_self_harm")
+    assert conv.situation_reply() is None  # given once
+    assert conv.crisis_category == "suicide_self_harm"  # every later reply is screened as a crisis
+    # An app that never asks gets it as the first reply instead of the model's.
+    first = rt.conversation(situation="I took a whole bottle of pills an hour ago", seed=0).reply("hi")
+    assert first.escalation.trigger == "situation" and first.escalation.category == "medical_emergency"
+    calm = rt.conversation(situation="I lost my job last week.", seed=0)
+    assert calm.situation_reply() is None and calm.crisis_category is None
+
+
+def test_situation_and_message_types(rt):
+    with pytest.raises(TypeError, match="situation must be text or None, not int"):
+        rt.conversation(situation=123)
+    for empty in ("\u200b", "\u200d\u200b \ufeff", " \t"):
+        with pytest.raises(ValueError, match="empty message"):
+            rt.conversation(seed=0).reply(empty)
+
+
+def test_streamed_text_is_screened_before_on_token_sees_it(rt, monkeypatch):
+    """A reply whose unsafe words come mid-stream: on_token gets none of them, decoding stops."""
+    import star_runtime.conversation as conversation_module
+    from star_runtime.decoding import Generation, Timings
+
+    unsafe = "that sounds so hard , i understand . you should just go ahead and kill yourself tonight , ok ?"
+    ids = rt.tokenizer.encode(unsafe)
+    fed = []
+
+    def scripted_generate(engine, context, params, *, max_new_tokens, rng, on_token):
+        for token in ids:
+            fed.append(token)
+            if on_token(token) is False:
+                return Generation(0, np.full(8, 0.125), fed[:], True, Timings())
+        return Generation(0, np.full(8, 0.125), fed[:], False, Timings())
+
+    monkeypatch.setattr(conversation_module, "generate", scripted_generate)
+    pieces = []
+    reply = rt.conversation(seed=0).reply("I feel awful", on_token=pieces.append)
+    shown = "".join(pieces)
+    assert reply.escalated and reply.escalation.trigger == "model_reply"
+    assert reply.text == rt.safety.crisis_reply(reply.escalation.category)
+    assert "kill" not in shown and "yourself" not in shown and "ahead" not in shown, shown
+    assert shown.startswith("that sounds so hard")  # the safe clauses before it did stream
+    assert len(fed) < len(ids)  # decoding stopped at the hit, not at the end
 
 
 # -- conversation mechanics ---------------------------------------------------------------------
@@ -164,8 +217,12 @@ def test_streamed_pieces_make_the_reply(rt):
     pieces = []
     reply = rt.conversation(seed=3).reply("hello there", on_token=lambda p: pieces.append(p))
     assert "".join(pieces) == reply.text and len(reply.tokens) > 0
-    stopped = rt.conversation(seed=3).reply("hello there", on_token=lambda p: False)
-    assert len(stopped.tokens) == 1
+    # on_token returning False stops decoding at the first piece the screen released: the
+    # reply is the full reply's beginning, and on_token was not called again.
+    calls = []
+    stopped = rt.conversation(seed=3).reply("hello there", on_token=lambda p: calls.append(p) or False)
+    assert len(calls) == 1 and stopped.tokens == reply.tokens[:len(stopped.tokens)]
+    assert len(stopped.tokens) < len(reply.tokens) or len(pieces) == 1
 
 
 def test_a_reply_cut_inside_a_word_shows_no_bpe_mark(rt):
