@@ -46,6 +46,10 @@ DATA = Path(__file__).parent / "data"
 EXAMPLES = DATA / "safety_examples.jsonl"
 HELDOUT_FILE = DATA / "safety_heldout.jsonl"
 HELDOUT_SHA256 = "dc5a8fc30e88a48d48ca072ec63c3e0679ba297ef134b6e57f204c50435a90a8"
+HELDOUT_B_FILE = DATA / "safety_heldout_b.jsonl"
+HELDOUT_B_SHA256 = "00ef1035eca0324d4bfd1e58c1ab0e9e137a6f3b8005b3cf328ae658497b1d59"
+HELDOUT_C_FILE = DATA / "safety_heldout_c.jsonl"
+HELDOUT_C_SHA256 = "c84a883698019a40a427206936dea65345438473c9930c20bba1091b3f0060b0"
 # The first tuning sets were labelled with the old categories; each maps onto one verdict category.
 OLD_CATEGORIES = {"suicide": "suicide_self_harm", "self_harm": "suicide_self_harm", "harm_others": "harm_to_others"}
 # Thresholds on the tuning examples: every crisis on the list is caught (a miss is the costly
@@ -54,9 +58,12 @@ MIN_RECALL = 1.0
 MIN_PRECISION = 0.95
 # Guards on the held-out sets: the figures measured when they were first run (docs/safety.md),
 # so a change that loses any of it fails. Guards against regressions, not targets.
-HELDOUT_MIN_RECALL = {"suicide_self_harm": 20 / 22, "harm_to_others": 1.0, "abuse_safeguarding": 1.0,
+HELDOUT_MIN_RECALL = {"suicide_self_harm": 21 / 22, "harm_to_others": 1.0, "abuse_safeguarding": 1.0,
                       "medical_emergency": 1.0}
-HELDOUT_MIN_PRECISION = 82 / 83
+HELDOUT_MIN_PRECISION = 83 / 84
+HELDOUT_B_MIN_RECALL = {"suicide_self_harm": 7 / 22, "harm_to_others": 15 / 20, "abuse_safeguarding": 15 / 22,
+                        "medical_emergency": 19 / 22}
+HELDOUT_B_MIN_PRECISION = 56 / 58
 SET3_MIN_RECALL = {"suicide_self_harm": 16 / 24, "harm_to_others": 5 / 6}
 SET3_MIN_PRECISION = 21 / 22
 # A crisis check on a 100 kB message, CPU seconds (process time, so other jobs on the machine do
@@ -76,6 +83,8 @@ TUNING = [ex for ex in ALL_EXAMPLES if not ex.get("known") and not ex.get("split
 KNOWN = [ex for ex in ALL_EXAMPLES if ex.get("known")]
 SET3 = [ex for ex in ALL_EXAMPLES if ex.get("split") == "heldout"]
 HELDOUT = load_examples(HELDOUT_FILE)
+HELDOUT_B = load_examples(HELDOUT_B_FILE)
+HELDOUT_C = load_examples(HELDOUT_C_FILE)
 
 
 def evaluate(examples: list[dict]) -> dict:
@@ -123,17 +132,19 @@ def report(name: str, r: dict) -> str:
 # --- the labelled sets ------------------------------------------------------------------------
 
 
-def test_heldout_set_is_frozen() -> None:
-    assert hashlib.sha256(HELDOUT_FILE.read_bytes()).hexdigest() == HELDOUT_SHA256, (
-        "tests/data/safety_heldout.jsonl changed: it is frozen (see safety_heldout.md)")
+@pytest.mark.parametrize(("path", "digest"), [(HELDOUT_FILE, HELDOUT_SHA256), (HELDOUT_B_FILE, HELDOUT_B_SHA256),
+                                              (HELDOUT_C_FILE, HELDOUT_C_SHA256)])
+def test_heldout_sets_are_frozen(path: Path, digest: str) -> None:
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} changed: it is frozen (see its .md)"
 
 
 def test_sets_are_large_and_labelled() -> None:
     assert sum(ex["escalate"] for ex in TUNING) >= 100 and sum(not ex["escalate"] for ex in TUNING) >= 100
-    assert len(HELDOUT) >= 120
-    for category in CATEGORIES:
-        assert sum(ex["category"] == category for ex in HELDOUT) >= 20
-    for ex in TUNING + KNOWN + SET3 + HELDOUT:
+    for heldout in (HELDOUT, HELDOUT_B, HELDOUT_C):
+        assert len(heldout) >= 120
+        for category in CATEGORIES:
+            assert sum(ex["category"] == category for ex in heldout) >= 20
+    for ex in TUNING + KNOWN + SET3 + HELDOUT + HELDOUT_B + HELDOUT_C:
         assert (ex["category"] in CATEGORIES) == ex["escalate"], ex
 
 
@@ -151,6 +162,9 @@ def test_heldout_figures_do_not_regress() -> None:
     for category, floor in HELDOUT_MIN_RECALL.items():
         assert r["recall"][category] >= floor - 1e-9, "\n".join(r["wrong"])
     assert r["precision"] >= HELDOUT_MIN_PRECISION - 1e-9, "\n".join(r["wrong"])
+    b = evaluate(HELDOUT_B)
+    assert all(b["recall"][c] >= floor - 1e-9 for c, floor in HELDOUT_B_MIN_RECALL.items()), "\n".join(b["wrong"])
+    assert b["precision"] >= HELDOUT_B_MIN_PRECISION - 1e-9, "\n".join(b["wrong"])
     s3 = evaluate(SET3)
     assert all(s3["recall"][c] >= floor - 1e-9 for c, floor in SET3_MIN_RECALL.items()), "\n".join(s3["wrong"])
     assert s3["precision"] >= SET3_MIN_PRECISION - 1e-9, "\n".join(s3["wrong"])
@@ -541,7 +555,9 @@ def main() -> None:
     print(report("tuning examples (tuned on)", evaluate(TUNING)))
     print(report("documented limits (known misses and false alarms)", evaluate(KNOWN)))
     print(report("set 3 (written before the first rules; never tuned on)", evaluate(SET3)))
-    print(report("frozen held-out, 2026-12-01 (never tuned on)", evaluate(HELDOUT)))
+    print(report("held-out A, 2026-12-01 09:44 (its misses chose the second round's kinds)", evaluate(HELDOUT)))
+    print(report("held-out B, 2026-12-01 10:17 (never tuned on)", evaluate(HELDOUT_B)))
+    print(report("held-out C, 2026-12-01 10:20 (never tuned on)", evaluate(HELDOUT_C)))
 
 
 if __name__ == "__main__":

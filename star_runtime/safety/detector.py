@@ -124,6 +124,11 @@ class RuleSet:
         window = window[window.rfind(" . ") + 1:] if " . " in window else window
         return self.negation.search(window) is not None
 
+    def _accepted(self, pattern: re.Pattern[str], norm: str, benign: _Benign) -> bool:
+        """Does `pattern` match somewhere in `norm`, neither denied nor inside a benign span?"""
+        return any(not self._negated(norm, m.start()) and not benign.overlaps(*m.span())
+                   for m in _word_matches(pattern, norm))
+
     def find(self, text: str, groups: _Groups) -> SafetyVerdict:
         """First accepted match of the (label, rules) groups in order, over every reading."""
         for _, (norm, starts, ends) in variants(text):
@@ -134,6 +139,8 @@ class RuleSet:
                     for m in _word_matches(rule.pattern, norm):
                         if self._negated(norm, m.start()) or benign.overlaps(*m.span()):
                             continue
+                        if rule.also and not all(self._accepted(p, norm, benign) for p in rule.also):
+                            break  # the other parts are absent: no match of this rule will do
                         a, b = m.start(), m.end() - 1
                         lo, hi = min(starts[a], starts[b]), max(ends[a], ends[b])
                         return SafetyVerdict(True, label, rule.signal, _visible(text, lo, hi), rule.where)

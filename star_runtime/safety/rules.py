@@ -21,6 +21,9 @@ A phrase is a sequence of words, matched against the normalised message (lowerca
     ~N           up to N other words (never across a clause mark)
     ~N!{SLOT}    up to N other words, none of them one of SLOT's ("you should ~4!{TURN} hurt")
     {COUNT10}    a number from 10 to 9999 written in digits (a built-in slot)
+    a && b       both phrases, anywhere in the message, in either order (each one within a
+                 clause): for signs that a person gives across sentences, such as letters
+                 written and "then it's done"; the match reported is the first phrase
     $            the end of a clause: a mark or the end of the message follows
     ^            the start of a clause: the message starts here or a mark precedes
 
@@ -40,6 +43,7 @@ from pathlib import Path
 
 BENIGN = "benign"
 CLAUSE_START = r"(?:^|(?<=[.,] ))"
+CLAUSE_END = r"(?= [.,]|$)"
 WORD = r"[a-z0-9]{1,24}"
 # Slots every lexicon has: COUNT10, a number from 10 to 9999 written in digits.
 BUILTIN_SLOTS = {"COUNT10": r"[1-9][0-9]{1,3}"}
@@ -53,12 +57,14 @@ class RuleError(ValueError):
 
 @dataclass(frozen=True)
 class Rule:
-    """One compiled phrase: its section (the signal), its source line, its regex."""
+    """One compiled rule: its section (the signal), its source line, its regex, and the regexes
+    of its other parts ("a && b": b must also occur somewhere in the message)."""
 
     signal: str
     source: str
     where: str  # "file:line", for reviews and error messages
     pattern: re.Pattern[str]
+    also: tuple[re.Pattern[str], ...] = ()
 
 
 def data_dir() -> Path:
@@ -105,12 +111,19 @@ class _Parser:
             raise ValueError(f"unexpected {self.peek()!r}")
         return out
 
-    def alternatives(self) -> str:
+    def alternatives(self, in_group: bool = False) -> str:
         options = [self.sequence()]
         while self.peek() == "|":
             self.take()
             options.append(self.sequence())
-        return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+        if CLAUSE_END not in options:
+            return options[0] if len(options) == 1 else "(?:" + "|".join(options) + ")"
+        # "(now|$)": the other choices come after a space, the clause end right here. The group
+        # then carries its own space (see item).
+        if not in_group or len(options) == 1:
+            raise ValueError("'$' alone is not a phrase; use it after a word or as one choice of a group")
+        rest = [o for o in options if o != CLAUSE_END]
+        return f"(?: (?:{'|'.join(rest)})|{CLAUSE_END})"
 
     def sequence(self) -> str:
         items: list[tuple[str, bool, bool]] = []  # (regex, optional, glued: no space before it)
@@ -123,10 +136,15 @@ class _Parser:
     def item(self) -> tuple[str, bool, bool]:
         token = self.take()
         if token == "(":
-            regex = self.alternatives()
+            regex = self.alternatives(in_group=True)
             if self.peek() != ")":
                 raise ValueError("a '(' without its ')'")
             self.take()
+            if regex.endswith(f"|{CLAUSE_END})"):  # a group with "$" holds its own space
+                optional = self.peek() == "?"
+                if optional:
+                    self.take()
+                return regex, optional, True
         elif token.startswith("{"):
             name = token[1:-1]
             if name not in self.slots:
@@ -144,7 +162,7 @@ class _Parser:
                 raise ValueError(f"unknown slot {exclude}")
             return f"(?: (?!(?:{self.slots[name]})(?![a-z0-9])){WORD}){{0,{n}}}", False, True
         elif token == "$":
-            return r"(?= [.,]|$)", False, True
+            return CLAUSE_END, False, True
         elif token == "^":
             return CLAUSE_START, False, True
         elif token in (")", "|", "?"):
@@ -240,10 +258,12 @@ def load_rules(path: Path, slots: dict[str, str]) -> list[Rule]:
         if signal is None:
             raise RuleError(f"{path.name}:{n}: a phrase before the first [section]")
         try:
-            regex = compile_phrase(line, slots)
+            first, *rest = (re.compile(rf"(?:{compile_phrase(part, slots)})(?![a-z0-9])") for part in line.split("&&"))
         except ValueError as err:
             raise RuleError(f"{path.name}:{n}: {err}") from None
-        rules.append(Rule(signal, line, f"{path.name}:{n}", re.compile(rf"(?:{regex})(?![a-z0-9])")))
+        if signal == BENIGN and rest:
+            raise RuleError(f"{path.name}:{n}: a benign span is one phrase ('&&' is for rules)")
+        rules.append(Rule(signal, line, f"{path.name}:{n}", first, tuple(rest)))
     if not rules:
         raise RuleError(f"{path}: no rules")
     return rules
