@@ -56,19 +56,23 @@ OLD_CATEGORIES = {"suicide": "suicide_self_harm", "self_harm": "suicide_self_har
 # error), and at most 1 in 20 harmless messages gets the crisis reply.
 MIN_RECALL = 1.0
 MIN_PRECISION = 0.95
-# Guards on the held-out sets: the figures measured when they were first run (docs/safety.md),
-# so a change that loses any of it fails. Guards against regressions, not targets.
-HELDOUT_MIN_RECALL = {"suicide_self_harm": 21 / 22, "harm_to_others": 1.0, "abuse_safeguarding": 1.0,
-                      "medical_emergency": 1.0}
-HELDOUT_MIN_PRECISION = 83 / 84
-HELDOUT_B_MIN_RECALL = {"suicide_self_harm": 7 / 22, "harm_to_others": 15 / 20, "abuse_safeguarding": 15 / 22,
-                        "medical_emergency": 19 / 22}
-HELDOUT_B_MIN_PRECISION = 56 / 58
-SET3_MIN_RECALL = {"suicide_self_harm": 16 / 24, "harm_to_others": 5 / 6}
-SET3_MIN_PRECISION = 21 / 22
+# Guards on the held-out sets: the figures of the detector as shipped, measured when it was
+# finished (docs/safety.md), so a change that loses any of it fails. Guards against regressions,
+# not targets. C is the honest estimate: written before the semantic screen existed and run once.
+# A chose the second rule round's kinds and B chose the semantic screen's thresholds, so their
+# figures are optimistic.
+HELDOUT_GUARDS = {
+    "A": ({"suicide_self_harm": 21 / 22, "harm_to_others": 1.0, "abuse_safeguarding": 1.0, "medical_emergency": 1.0},
+          83 / 87),
+    "B": ({"suicide_self_harm": 11 / 22, "harm_to_others": 18 / 20, "abuse_safeguarding": 18 / 22,
+           "medical_emergency": 21 / 22}, 68 / 71),
+    "C": ({"suicide_self_harm": 13 / 20, "harm_to_others": 17 / 20, "abuse_safeguarding": 12 / 20,
+           "medical_emergency": 19 / 20}, 61 / 61),
+    "set 3": ({"suicide_self_harm": 19 / 24, "harm_to_others": 5 / 6}, 24 / 26),
+}
 # A crisis check on a 100 kB message, CPU seconds (process time, so other jobs on the machine do
 # not count). Catastrophic backtracking would take seconds to minutes.
-MAX_CHECK_CPU_S = 1.0
+MAX_CHECK_CPU_S = 2.5  # measured 0.03-0.83 s with the semantic screen (48 sentences embedded)
 
 
 def load_examples(path: Path) -> list[dict]:
@@ -156,18 +160,15 @@ def test_tuning_examples() -> None:
     assert not r["wrong_category"], "\n".join(r["wrong_category"])
 
 
-def test_heldout_figures_do_not_regress() -> None:
-    r = evaluate(HELDOUT)
-    print("\n" + report("frozen held-out", r))
-    for category, floor in HELDOUT_MIN_RECALL.items():
+@pytest.mark.parametrize("name", list(HELDOUT_GUARDS))
+def test_heldout_figures_do_not_regress(name: str) -> None:
+    examples = {"A": HELDOUT, "B": HELDOUT_B, "C": HELDOUT_C, "set 3": SET3}[name]
+    r = evaluate(examples)
+    print("\n" + report(f"held-out {name}", r))
+    recall, precision = HELDOUT_GUARDS[name]
+    for category, floor in recall.items():
         assert r["recall"][category] >= floor - 1e-9, "\n".join(r["wrong"])
-    assert r["precision"] >= HELDOUT_MIN_PRECISION - 1e-9, "\n".join(r["wrong"])
-    b = evaluate(HELDOUT_B)
-    assert all(b["recall"][c] >= floor - 1e-9 for c, floor in HELDOUT_B_MIN_RECALL.items()), "\n".join(b["wrong"])
-    assert b["precision"] >= HELDOUT_B_MIN_PRECISION - 1e-9, "\n".join(b["wrong"])
-    s3 = evaluate(SET3)
-    assert all(s3["recall"][c] >= floor - 1e-9 for c, floor in SET3_MIN_RECALL.items()), "\n".join(s3["wrong"])
-    assert s3["precision"] >= SET3_MIN_PRECISION - 1e-9, "\n".join(s3["wrong"])
+    assert r["precision"] >= precision - 1e-9, "\n".join(r["wrong"])
 
 
 @pytest.mark.parametrize("ex", KNOWN, ids=[ex["text"][:40] for ex in KNOWN])
@@ -320,6 +321,44 @@ def test_every_category_has_its_rules_file() -> None:
     rs = rule_set()
     assert sum(len(rules) for _, rules in rs.categories) > 150
     assert {name for name, _ in rs.categories} == {*CATEGORIES, "model_reply"}
+
+
+# --- the semantic screen ---------------------------------------------------------------------
+
+
+def test_semantic_screen_catches_what_the_rules_do_not_list() -> None:
+    text = "soon I won't be a problem for anyone anymore"  # no rule has these words
+    assert not rule_set().find(text, rule_set().user_groups).escalate
+    v = detect_crisis(text)
+    assert (v.escalate, v.signal) == (True, "semantic") and v.rule.startswith("prototypes.jsonl:")
+    assert not detect_crisis("I'm so tired after my shift, I need a long weekend").escalate
+
+
+def test_semantic_screen_refuses_stale_embeddings(tmp_path: Path) -> None:
+    from star_runtime.safety.semantic import SemanticScreen, encoder_dir
+
+    prototypes = tmp_path / "prototypes.jsonl"
+    prototypes.write_text((encoder_dir().parent / "prototypes.jsonl").read_text(encoding="utf-8")
+                          + '{"text": "a new statement", "category": null}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="was built from another prototypes.jsonl"):
+        SemanticScreen(encoder_dir(), prototypes)
+
+
+def test_wordpiece_equals_transformers_on_esconv(esconv_dir: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from star_runtime.safety.semantic import encoder_dir
+    from star_runtime.safety.wordpiece import WordPiece
+
+    ours = WordPiece(encoder_dir() / "vocab.txt")
+    theirs = transformers.BertTokenizer(str(encoder_dir() / "vocab.txt"), do_lower_case=True)
+    texts = [json.loads(line)["text"] for line in EXAMPLES.read_text(encoding="utf-8").splitlines()]
+    for line in (esconv_dir / "valid.txt").read_text(encoding="utf-8").splitlines()[:60]:
+        row = json.loads(line)
+        texts += [row.get("situation", "")] + [turn["text"] for turn in row.get("dialog", [])]
+    texts += ["caf\u00e9 na\u00efve \u4f60\u597d \uff46\uff55\uff4c\uff4c", "\x00\ufffdhi\u200bthere", "a" * 150]
+    assert len(texts) > 1000
+    for text in texts:
+        assert ours.encode(text, 128) == theirs.encode(text, max_length=128, truncation=True), text
 
 
 # --- the model-reply screen -------------------------------------------------------------------

@@ -26,7 +26,8 @@ from itertools import accumulate
 from pathlib import Path
 
 from star_runtime.safety.rules import BENIGN, Rule, RuleError, data_dir, literal_words, load_lexicon, load_rules
-from star_runtime.safety.text import variants
+from star_runtime.safety.semantic import SemanticScreen
+from star_runtime.safety.text import unescaped, variants
 from star_runtime.safety.typos import Corrector
 
 # The verdict categories, in priority order when several match: a body in danger now first, so
@@ -147,8 +148,20 @@ class RuleSet:
         return NO_CRISIS
 
     def check_user(self, text: str) -> SafetyVerdict:
-        """Crisis verdict for something a person wrote (a message or a situation)."""
-        return self.find(text, self.user_groups)
+        """Crisis verdict for something a person wrote (a message or a situation): the rules,
+        then the semantic screen (safety.semantic) for what their words do not cover."""
+        verdict = self.find(text, self.user_groups)
+        if verdict.escalate or self.semantic is None:
+            return verdict
+        match = self.semantic.check(unescaped(text))
+        if match is None:
+            return verdict
+        return SafetyVerdict(True, match.category, "semantic", match.unit, f"prototypes.jsonl:{match.line}")
+
+    @property
+    def semantic(self) -> SemanticScreen | None:
+        """The semantic screen, loaded on first use (a 23 MB encoder), shared by every policy."""
+        return _semantic(str(self.folder)) if (self.folder / "prototypes.jsonl").is_file() else None
 
     def check_reply(self, text: str, *, crisis_category: str | None = None) -> SafetyVerdict:
         """Is a model reply unsafe? It encourages, endorses or instructs harm (model_reply.rules),
@@ -167,9 +180,12 @@ class RuleSet:
 
 def _visible(text: str, lo: int, hi: int) -> str:
     """text[lo:hi] as printable as it was written: escape codes and controls dropped."""
-    from star_runtime.safety.text import unescaped
-
     return unescaped(text)[lo:hi] if lo < hi else ""
+
+
+@lru_cache(maxsize=2)
+def _semantic(folder: str) -> SemanticScreen:
+    return SemanticScreen(Path(folder) / "encoder", Path(folder) / "prototypes.jsonl")
 
 
 @lru_cache(maxsize=4)
