@@ -248,8 +248,8 @@ def _load_star_folder(path: Path, star_config: StarConfig | None) -> StarForCond
             raise CheckpointError(f"{path}: missing {name}, not a complete STAR checkpoint")
     config = _read_base_config(path / CONFIG_FILE)
     saved = _read_star_config(path / STAR_CONFIG_FILE)
+    tensors = _read_tensors(path / WEIGHTS_FILE)  # the file's own size, whatever the configs say
     check_sizes(path, config, star_config or saved, (path / WEIGHTS_FILE).stat().st_size)
-    tensors = _read_tensors(path / WEIGHTS_FILE)
     fresh_star = star_config is not None and not saved.use_star
     if fresh_star:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(STAR_PREFIX)}
