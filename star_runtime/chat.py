@@ -59,7 +59,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from star_runtime import Reply, Runtime
+from star_runtime import DeviceError, Reply, Runtime
 from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_version
 from star_runtime.decoding import NonFiniteOutputError
 from star_runtime.runtime import BUNDLE_ENV
@@ -98,11 +98,16 @@ def load_runtime(args: argparse.Namespace) -> Runtime:
     path = None if args.model is None else Path(args.model).expanduser()
     try:
         safety = SafetyPolicy.load(args.safety_config, args.locale)
+    except (OSError, ValueError) as err:  # SafetyConfigError names the file and the problem
+        raise ChatError(f"{err}; fix the file, or leave --safety-config out for the built-in crisis lines") from None
+    try:
         return Runtime.load(path, device=args.device, safety=safety)
-    # BundleError, DeviceError and SafetyConfigError are ValueErrors whose message names the
-    # file and the problem.
-    except (OSError, ValueError) as err:
+    except DeviceError as err:  # says which device or export to use
         raise ChatError(str(err)) from None
+    # BundleError is a ValueError whose message names the folder and the problem.
+    except (OSError, ValueError) as err:
+        hint = "" if path is None else "; pass --model with a bundle folder star-export wrote, or leave it out for the default"
+        raise ChatError(f"{err}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------

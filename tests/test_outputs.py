@@ -164,6 +164,15 @@ def test_eval_refuses_to_replace_files_it_did_not_write(two_steps, data_dir, tmp
     assert (out / "scores.md").read_text() == "my table"
 
 
+def test_analyze_refuses_to_replace_files_it_did_not_write(two_steps, data_dir, tmp_path, capsys) -> None:
+    out = tmp_path / "an"
+    out.mkdir()
+    (out / "clusters_star.png").write_bytes(b"my figure")
+    assert analyze_cli.main(["--checkpoint", str(two_steps), "--data", str(data_dir), "--out", str(out)]) == 2
+    assert "star-analyze did not write" in one_line(capsys.readouterr().err, "star-analyze")
+    assert (out / "clusters_star.png").read_bytes() == b"my figure"
+
+
 # -- a full disk ----------------------------------------------------------------------------------
 def test_full_disk_during_train_is_one_line_and_leaves_no_temp_folder(data_dir, tokenizer_dir, tmp_path,
                                                                       monkeypatch, capsys) -> None:

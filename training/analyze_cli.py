@@ -9,7 +9,8 @@ For each model, on the same seeded sample of the split:
     with STAR, also h), t-SNE to 2D, K-means with k = 8, silhouette and adjusted Rand index
     against the gold strategies (star_training.hidden_clusters).
 Writes OUT/analysis.json, OUT/clusters_<model>.png per model and, with several models,
-OUT/clusters.png with one panel per model (its generation state).
+OUT/clusters.png with one panel per model (its generation state). Files in OUT are replaced only
+when OUT/analysis.json is star-analyze's own.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
     add_common_args,
+    check_own_outputs,
     load_tokenizer,
     positive_int,
     resolve_data_path,
@@ -202,11 +204,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{PROG}: using {printable(which)}", file=sys.stderr)
             resolved.append(folder)
         args.checkpoint = resolved
+        figures = tuple(p.name for p in args.out.glob("clusters*.png")) if args.out.is_dir() else ()
+        check_own_outputs(args.out, ("analysis.json", *figures), "analysis.json", {"paper_table_1", "models"}, PROG)
         analysed = [analyse_model(checkpoint, args, data_path, seed, device) for checkpoint in args.checkpoint]
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CliError(f"cannot create --out {args.out}: {e.strerror or e}") from e
+            raise CliError(f"cannot create --out {args.out}: {e.strerror or e}; choose another --out") from e
         models, taken = [], set()
         for record, panels in analysed:
             record["figure"] = f"clusters_{_slug(record['label'], taken)}.png"

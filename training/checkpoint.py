@@ -245,7 +245,8 @@ def check_sizes(path: Path, config: BlenderbotSmallConfig, star: StarConfig, wei
 def _load_star_folder(path: Path, star_config: StarConfig | None) -> StarForConditionalGeneration:
     for name in (CONFIG_FILE, STAR_CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
-            raise CheckpointError(f"{path}: missing {name}, not a complete STAR checkpoint")
+            raise CheckpointError(f"{path}: missing {name}, not a complete STAR checkpoint; give the folder star-train "
+                                  "wrote (its run folder, best/ or last/)")
     config = _read_base_config(path / CONFIG_FILE)
     saved = _read_star_config(path / STAR_CONFIG_FILE)
     tensors = _read_tensors(path / WEIGHTS_FILE)  # the file's own size, whatever the configs say
@@ -256,7 +257,8 @@ def _load_star_folder(path: Path, star_config: StarConfig | None) -> StarForCond
     try:
         model = StarForConditionalGeneration(config, star_config or saved)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot build the model its configs describe: {e}") from e
+        raise CheckpointError(f"{path}: cannot build the model its configs describe: {e}; restore the configs "
+                              "star-train wrote") from e
     _load_tensors(model, tensors, path / WEIGHTS_FILE, skip_prefix=STAR_PREFIX if fresh_star else None)
     return model
 
@@ -265,11 +267,11 @@ def _read_json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: missing {path.name}") from None
+        raise CheckpointError(f"{path.parent}: missing {path.name}; give a complete checkpoint folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from e
+        raise CheckpointError(f"{path}: not readable JSON ({e}); restore the file star-train wrote") from e
     if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object; restore the file star-train wrote")
     return d
 
 
@@ -290,7 +292,8 @@ def _read_star_config(path: Path) -> StarConfig:
     d = _read_json(path)
     version = d.pop("format_version", None)
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version!r}; this code reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format_version {version!r}; this code reads version {FORMAT_VERSION}: use the "
+                              "star-esc version that wrote it, or retrain")
     try:
         return StarConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -301,7 +304,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError, or OSError, on a bad file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is damaged: use another "
+                              "checkpoint (e.g. the run's other one, best/ or last/)") from e
 
 
 def _load_tensors(
@@ -332,7 +336,8 @@ def _load_tensors(
         if names
     ]
     if problems:
-        raise CheckpointError(f"{path} does not match the architecture in its config.json; " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not match the architecture in its config.json; " + "; ".join(problems)
+                              + "; restore the config.json that was saved with these weights")
     model.load_state_dict(
         {(k if k.startswith(STAR_PREFIX) else "base." + k): v for k, v in tensors.items()}, strict=False
     )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import json
 import os
 import random
 import sys
@@ -103,8 +104,26 @@ def resolve_data_path(path: Path | None) -> Path:
             )
         return DEFAULT_DATA
     if not path.exists():
-        raise CliError(f"--data {path} does not exist")
+        raise CliError(f"--data {path} does not exist; pass a folder of train/valid/test.txt files or an ESConv.json")
     return path
+
+
+def check_own_outputs(out: Path, names: tuple[str, ...], record: str, keys: set[str], prog: str) -> None:
+    """CliError if OUT holds any of the files `names` that `prog` would replace but did not write.
+
+    A folder is `prog`'s when its JSON file `record` (one of `names`) holds all of `keys`: then
+    its files may be replaced by a new run; a folder without any of `names` is always fine.
+    """
+    present = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    if not present:
+        return
+    try:
+        ours = keys <= set(json.loads((out / record).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise CliError(f"{out} holds {', '.join(present)} that {prog} did not write, so it will not replace them; "
+                       "choose another --out")
 
 
 def seed_everything(seed: int) -> None:
@@ -117,8 +136,13 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run `body`, turning the errors a user can cause into `prog: error: ...` and an exit code."""
     try:
         return body()
-    except (CliError, CheckpointError, DataError, TokenizerError, DeviceError, BundleError) as exc:
+    except (CliError, CheckpointError, DeviceError, BundleError) as exc:
         print(f"{prog}: error: {printable(exc)}", file=sys.stderr)
+        return EXIT_USAGE
+    except (DataError, TokenizerError) as exc:  # their messages name the file and the problem
+        then = "fix it or pass another --data" if isinstance(exc, DataError) else (
+            "pass --tokenizer with a BlenderBot-Small tokenizer folder (vocab.json, merges.txt)")
+        print(f"{prog}: error: {printable(exc)}; {then}", file=sys.stderr)
         return EXIT_USAGE
     except Failure as exc:
         print(f"{prog}: error: {printable(exc)}", file=sys.stderr)

@@ -25,6 +25,7 @@ from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
     add_common_args,
+    check_own_outputs,
     load_tokenizer,
     nonnegative_int,
     positive_float,
@@ -86,20 +87,6 @@ def _provenance(trained: dict) -> str:
 OUTPUTS = ("predictions.jsonl", "predictions_oracle.jsonl", "scores.json", "scores.md")
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an OUT holding files star-eval would replace but did not write."""
-    present = [name for name in OUTPUTS if (out / name).exists() or (out / name).is_symlink()]
-    if not present:
-        return
-    try:
-        ours = {"paper_table_2", "decoding"} <= set(json.loads((out / "scores.json").read_text(encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, ValueError, TypeError):
-        ours = False
-    if not ours:
-        raise CliError(f"{out} holds {', '.join(present)} that star-eval did not write, so it will not replace "
-                       "them; choose another --out")
-
-
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
@@ -130,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         examples = build_examples(load_conversations(data_path, args.split), tok, **data_settings)
         examples = examples[: args.limit]
         if not examples:
-            raise CliError(f"{data_path}: the {args.split} split has no supporter turn to score")
+            raise CliError(f"{data_path}: the {args.split} split has no supporter turn to score; pass another --split "
+                           "or --data")
         out = args.out or args.model.resolve().parent / f"eval-{args.model.resolve().name}-{args.split}"
-        _check_out(out)
+        check_own_outputs(out, OUTPUTS, "scores.json", {"paper_table_2", "decoding"}, PROG)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CliError(f"cannot create --out {out}: {e.strerror or e}") from e
+            raise CliError(f"cannot create --out {out}: {e.strerror or e}; choose another --out") from e
 
         result = evaluate(model, tok, examples, settings=settings, batch_size=args.batch_size, device=device,
                           seed=seed, oracle=args.oracle_strategy)

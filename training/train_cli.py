@@ -174,7 +174,8 @@ def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     try:
         saved = load_trainer_state(found)["run_config"]
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise CliError(f"--resume: cannot read the trainer state in {found}: {e}") from e
+        raise CliError(f"--resume: cannot read the trainer state in {found}: {e}; start a new run with another "
+                       "--out") from e
     given = _given(args) | {k: getattr(args, k) for k in ("data", "tokenizer") if getattr(args, k) is not None}
     changed = [
         f"--{k.replace('_', '-')} {v} (the run used {saved.get(k)})"
@@ -213,7 +214,7 @@ def _prepare_out(cfg: TrainConfig, resuming: bool) -> None:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise CliError(f"cannot write to --out {out}: {e.strerror or e}") from e
+        raise CliError(f"cannot write to --out {out}: {e.strerror or e}; choose another --out") from e
 
 
 def main(argv: list[str] | None = None) -> int:
