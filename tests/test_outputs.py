@@ -241,6 +241,40 @@ def test_a_save_killed_between_its_renames_is_recovered_by_the_next_run(two_step
     assert load_trainer_state(run / "last")["position"]["global_step"] == 3
 
 
+KILL_BETWEEN_RENAMES = """
+import os, signal, sys
+from pathlib import Path
+real = os.replace
+
+def replace(src, dst):  # SIGKILL at the second rename of OUT/last: the new folder is complete
+    if ".last.tmp-" in Path(src).name and (Path(dst).parent / ".last.old").exists():
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(src, dst)
+
+os.replace = replace
+from star_training.train_cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_real_sigkill_between_the_renames_is_recovered(two_steps, tmp_path) -> None:
+    run = copy_run(two_steps, tmp_path / "run")
+    env = {**os.environ}
+    if env.get("PYTHONPATH"):
+        env["PYTHONPATH"] = os.pathsep.join(str(Path(p).resolve()) for p in env["PYTHONPATH"].split(os.pathsep))
+    args = ["--resume", "--out", str(run), "--max-steps", "3"]
+    killed = subprocess.run([sys.executable, "-c", KILL_BETWEEN_RENAMES, *args], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert not (run / "last").exists() and (run / ".last.old").is_dir() and len(list(run.glob(".last.tmp-*"))) == 1
+    again = subprocess.run([sys.executable, "-m", "star_training.train_cli", *args], env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert "put in place the complete copy" in again.stderr and "nothing to do" in again.stdout
+    assert load_trainer_state(run / "last")["position"]["global_step"] == 3  # the killed run's save, kept
+    assert not list(run.glob(".*"))
+
+
 def test_a_save_killed_while_filling_leaves_the_previous_checkpoint(two_steps, tmp_path, capsys) -> None:
     run = copy_run(two_steps, tmp_path / "run")
     temp = run / f".last.tmp-{dead_pid()}"
