@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         say("star-export: interrupted; nothing was written")
         return EXIT_INTERRUPTED
     size = sum(entry["size"] for entry in manifest["files"].values())
-    print(printable(f"wrote {precision} bundle {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s"))
+    seconds = time.perf_counter() - start
+    print(printable(f"wrote {precision} bundle {args.out} ({size / 1e6:.1f} MB) in {seconds:.1f} s"))
     return EXIT_OK
 
 

@@ -150,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         report = {"settings": settings, "bundles": rows}
         write_text_atomically(args.out / "quality.json", json.dumps(report, indent=2) + "\n")
         write_text_atomically(args.out / "quality.md", table)
-        print(printable(table + f"\n{args.split} split, {len(examples)} examples, greedy, at most {max_new} tokens; "
-                        f"deltas and agreement against {args.bundle[0]}\nwritten to {args.out}", newlines=True))
+        notes = (f"\n{args.split} split, {len(examples)} examples, greedy, at most {max_new} tokens; "
+                 f"deltas and agreement against {args.bundle[0]}\nwritten to {args.out}")
+        print(printable(table + notes, newlines=True))
         return 0
 
     return run_cli(PROG, body)

@@ -106,7 +106,8 @@ def load_runtime(args: argparse.Namespace) -> Runtime:
         raise ChatError(str(err)) from None
     # BundleError is a ValueError whose message names the folder and the problem.
     except (OSError, ValueError) as err:
-        hint = "" if path is None else "; pass --model with a bundle folder star-export wrote, or leave it out for the default"
+        hint = ("" if path is None
+                else "; pass --model with a bundle folder star-export wrote, or leave it out for the default")
         raise ChatError(f"{err}{hint}") from None
 
 
@@ -346,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rt = load_runtime(args)
         except ChatError as err:
-            print("star-chat: error:", *printable(err).split(), file=sys.stderr)  # one line, whatever onnxruntime says
+            # one line, whatever onnxruntime says
+            print("star-chat: error:", *printable(err).split(), file=sys.stderr)
             return EXIT_USAGE
         if not interactive:
             sys.stdout.reconfigure(encoding="utf-8")

@@ -119,7 +119,7 @@ def test_resolve_checkpoint_prefers_best_then_last(two_steps, tmp_path) -> None:
     for bad, message in ((tmp_path / "none", "no such folder"), (tmp_path, "nor a star-train run folder")):
         with pytest.raises(CheckpointError, match=message) as err:
             resolve_checkpoint(bad)
-        assert "give the --out folder of star-train" in str(err.value) or "give a star-train run folder" in str(err.value)
+        assert "star-train run folder (its --out)" in str(err.value) or "--out folder of star-train" in str(err.value)
 
 
 def test_the_design_cards_flow_works_as_written(esconv_dir, tokenizer_dir, tmp_path) -> None:
@@ -128,7 +128,8 @@ def test_the_design_cards_flow_works_as_written(esconv_dir, tokenizer_dir, tmp_p
     bin_dir = Path(sys.executable).parent
     scripts = [bin_dir / "star-train", bin_dir / "star-export"]
     if all(s.is_file() for s in scripts):
-        command = "star-train --preset tiny --max-steps 2 --out ckpt && star-export --checkpoint ckpt/ --out model.onnx"
+        command = ("star-train --preset tiny --max-steps 2 --out ckpt && "
+                   "star-export --checkpoint ckpt/ --out model.onnx")
     else:  # not installed: the same modules
         command = (f"{sys.executable} -m star_training.train_cli --preset tiny --max-steps 2 --out ckpt && "
                    f"{sys.executable} -m star_export.cli --checkpoint ckpt/ --out model.onnx")

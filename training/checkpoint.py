@@ -115,10 +115,11 @@ def resolve_checkpoint(path: str | PathLike) -> tuple[Path, str | None]:
     Ctrl-C before its first validation has only last/). CheckpointError says what to pass instead.
     """
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise CheckpointError(f"{path}: no such folder; give a star-train run folder (its --out) or a checkpoint "
-                              f"in one ({path.name or 'RUN'}/{RUN_BEST})" if not path.exists() else
-                              f"{path} is a file; give a star-train run folder (its --out) or a checkpoint folder")
+                              f"in one (RUN/{RUN_BEST} or RUN/{RUN_LAST})")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; give a star-train run folder (its --out) or a checkpoint folder")
     if is_checkpoint(path):
         return path, None
     for name in (RUN_BEST, RUN_LAST):
