@@ -19,7 +19,7 @@ import pytest
 
 import star_runtime
 from star_bundles import tiny_bundle
-from star_runtime import BundleError, NonFiniteOutputError, Runtime
+from star_runtime import BundleError, Runtime
 from star_runtime.sampling import SamplingParams
 
 STAR_CHAT = [sys.executable, "-m", "star_runtime.chat"]
@@ -54,6 +54,8 @@ def nan_bundle(bundle, tmp_path_factory) -> Path:
 # -- NaN at run time ----------------------------------------------------------------------------
 @pytest.mark.parametrize("do_sample", [True, False])
 def test_nan_weights_give_one_clear_error(nan_bundle, do_sample) -> None:
+    from star_runtime import NonFiniteOutputError
+
     rt = Runtime.load(nan_bundle, threads=1)
     with pytest.raises(NonFiniteOutputError, match="NaN or infinite") as err:
         rt.conversation(seed=0, do_sample=do_sample).reply("I feel alone.")

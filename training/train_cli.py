@@ -38,7 +38,7 @@ from star_training.cli_common import (
     unit_interval,
 )
 from star_training.config import PRESETS
-from star_training.distributed import setup, teardown
+from star_training.distributed import barrier, setup, teardown
 from star_training.progress import is_training_log
 from star_training.run_state import find_run_checkpoint, load_trainer_state, recover_run_folder
 from star_training.trainer import BEST, CURVES, LAST, LOG, TrainConfig, Trainer, lambda_for_epoch
@@ -137,7 +137,7 @@ def _fresh_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
             raise CliError(f"--global-batch {given['global_batch']} disagrees with --batch-size {batch} x "
                            f"--grad-accum {args.grad_accum} x {world_size} process(es) = {implied}")
         given["global_batch"] = implied
-    out = args.out or Path("runs") / f"stage-{stage}"
+    out = _out(args)
     cfg = TrainConfig(
         out=str(out.resolve()), data=str(resolve_data_path(args.data).resolve()),
         tokenizer=str(_tokenizer_dir(args).resolve()), **given,
@@ -164,9 +164,12 @@ def _recover(out: Path) -> None:
             print(f"{PROG}: {note}", file=sys.stderr)
 
 
+def _out(args: argparse.Namespace) -> Path:
+    return args.out or Path("runs") / f"stage-{args.stage or DEFAULTS['stage']}"
+
+
 def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
-    out = args.out or Path("runs") / f"stage-{args.stage or DEFAULTS['stage']}"
-    _recover(out)
+    out = _out(args)
     found = find_run_checkpoint(out / LAST)
     if found is None:
         raise CliError(f"--resume: no run checkpoint in {out / LAST} (it is written after the first epoch, "
@@ -192,10 +195,8 @@ def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 def _prepare_out(cfg: TrainConfig, resuming: bool) -> None:
     """Check that everything the run will write in OUT is absent or its own, before minutes of work."""
     out = Path(cfg.out)
-    if not resuming:
-        _recover(out)
-        if find_run_checkpoint(out / LAST) is not None:
-            raise CliError(f"{out} already holds a run ({out / LAST}); continue it with --resume or choose another --out")
+    if not resuming and find_run_checkpoint(out / LAST) is not None:
+        raise CliError(f"{out} already holds a run ({out / LAST}); continue it with --resume or choose another --out")
     for name in (LAST, BEST):
         try:
             check_replaceable(out / name)
@@ -223,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         ctx = setup(args.device or DEFAULTS["device"])
         try:
+            if ctx.is_main:  # one process cleans up, before any of them reads OUT
+                _recover(_out(args))
+            barrier(ctx)
             if args.resume:
                 cfg, resume_dir = _resumed_config(args)
             else:
