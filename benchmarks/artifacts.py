@@ -9,7 +9,7 @@
 
 Where the model comes from (`resolve_source`), first match wins:
     --checkpoint CKPT       a STAR checkpoint folder: every backend runs its weights;
-    the default bundle      $STAR_BUNDLE, else star_runtime/data/default_bundle (as star-chat finds
+    the default bundle      $STAR_BUNDLE, else star_runtime/data/default_bundle (as star-chat and Runtime.load() find
                             it): the runtime backend of its precision runs it as shipped; the others
                             run random weights of its configuration (the timing of a dense model does
                             not depend on the values of its weights);
@@ -68,7 +68,7 @@ def resolve_source(checkpoint: Path | None, tokenizer: Path | None, preset: str,
                                  "save it with save_pretrained(dir, tokenizer_dir=...)")
         return ModelSource(f"checkpoint {checkpoint}", checkpoint=str(checkpoint.resolve()))
     from star_runtime.bundle import load_manifest
-    from star_runtime.chat import default_bundle
+    from star_runtime.runtime import default_bundle
 
     bundle = default_bundle() if default_bundle_first else None
     if bundle is not None:

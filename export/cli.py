@@ -1,12 +1,15 @@
 """star-export: turn a STAR checkpoint folder into a bundle folder for star_runtime.
 
-    star-export --checkpoint ckpt/ --out model.onnx                  # float32 (CPU or CUDA)
+    star-export --checkpoint ckpt/ --out model.onnx                  # float32 (CPU or CUDA); ckpt/ is a
+                                                                     # star-train run (best/, else last/)
     star-export --checkpoint ckpt/ --out model-int8 --quantize int8  # int8 weights (CPU)
     star-export --checkpoint ckpt/ --out model-fp16 --fp16           # float16 (CUDA)
 
 `--out` names the bundle FOLDER, even when it ends in ".onnx": a bundle is two graphs, one
-weights file, the tokenizer and a manifest (docs/bundle.md). Bad input gets one line on stderr
-and exit code 1 (2 for bad arguments), never a traceback.
+weights file, the tokenizer and a manifest (docs/bundle.md). `--checkpoint` takes a star-train run
+folder (its best/ is used, else last/, and the command says which) or a checkpoint folder. Errors
+are one line on stderr, never a traceback; exit codes follow star_runtime.cli (2: fix the
+command or its input, 1: the machine failed, e.g. a full disk, 130: Ctrl-C).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import argparse
 import sys
 import time
 
-EXIT_ERROR = 1
+from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_version
+from star_runtime.terminal import printable
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,8 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
         "star_runtime and star-chat load. The exporter checks the bundle against the PyTorch model "
         "before it keeps anything.",
     )
-    p.add_argument("--checkpoint", required=True, metavar="DIR", help="checkpoint folder (config.json, "
-                   "star_config.json, model.safetensors and the tokenizer files)")
+    p.add_argument("--checkpoint", required=True, metavar="DIR", help="a star-train run folder (its best/ is "
+                   "used, else last/) or a checkpoint folder (config.json, star_config.json, model.safetensors "
+                   "and the tokenizer files)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="bundle folder to write (a folder even if the name ends in .onnx); replaced only if it "
                    "is a bundle or empty")
@@ -36,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--fp16", action="store_true", help="float16 weights and compute, for CUDA")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the check against the PyTorch model (not recommended)")
+    add_version(p)
     return p
 
 
@@ -43,22 +49,36 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     precision = "int8" if args.quantize == "int8" else "float16" if args.fp16 else "float32"
     # Imported after argparse so that --help and argument errors are instant (torch takes seconds).
-    from star_export.exporter import export_bundle
-    from star_export.weights import ExportError
+    try:
+        from star_export.exporter import export_bundle
+        from star_export.weights import ExportError
+        from star_training.checkpoint import CheckpointError, resolve_checkpoint
+        from star_training.cli_common import os_error_message
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+    def say(line: object) -> None:
+        print(printable(line), file=sys.stderr)
 
     start = time.perf_counter()
     try:
-        manifest = export_bundle(args.checkpoint, args.out, precision=precision, validate=not args.no_validate,
-                                 log=lambda line: print(line, file=sys.stderr))
-    except (ExportError, OSError, ValueError) as err:
-        print(f"star-export: error: {err}", file=sys.stderr)
-        return EXIT_ERROR
+        checkpoint, which = resolve_checkpoint(args.checkpoint)
+        if which:
+            say(f"star-export: using {which}")
+        manifest = export_bundle(checkpoint, args.out, precision=precision, validate=not args.no_validate, log=say)
+    except (ExportError, CheckpointError, ValueError) as err:
+        say(f"star-export: error: {err}")
+        return EXIT_USAGE
+    except OSError as err:
+        say(f"star-export: error: {os_error_message(err)}")
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        print("star-export: interrupted; nothing was written", file=sys.stderr)
-        return 130
+        say("star-export: interrupted; nothing was written")
+        return EXIT_INTERRUPTED
     size = sum(entry["size"] for entry in manifest["files"].values())
-    print(f"wrote {precision} bundle {args.out} ({size / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s")
-    return 0
+    seconds = time.perf_counter() - start
+    print(printable(f"wrote {precision} bundle {args.out} ({size / 1e6:.1f} MB) in {seconds:.1f} s"))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

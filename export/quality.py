@@ -36,6 +36,7 @@ from typing import Any
 from star_runtime import Generation, Runtime
 from star_runtime.atomic import write_text_atomically
 from star_runtime.bundle import load_manifest
+from star_runtime.terminal import printable
 from star_runtime.tokenizer import Tokenizer
 from star_training.cli_common import (CliError, add_common_args, nonnegative_int, positive_int, resolve_data_path,
                                       run_cli)
@@ -149,8 +150,9 @@ def main(argv: list[str] | None = None) -> int:
         report = {"settings": settings, "bundles": rows}
         write_text_atomically(args.out / "quality.json", json.dumps(report, indent=2) + "\n")
         write_text_atomically(args.out / "quality.md", table)
-        print(table + f"\n{args.split} split, {len(examples)} examples, greedy, at most {max_new} tokens; "
-              f"deltas and agreement against {args.bundle[0]}\nwritten to {args.out}")
+        notes = (f"\n{args.split} split, {len(examples)} examples, greedy, at most {max_new} tokens; "
+                 f"deltas and agreement against {args.bundle[0]}\nwritten to {args.out}")
+        print(printable(table + notes, newlines=True))
         return 0
 
     return run_cli(PROG, body)

@@ -3,12 +3,17 @@
     star-chat [--model BUNDLE] [--device cpu|cuda] [--seed N] [--situation TEXT] [--greedy]
               [--show-probs] [--timings] [--safety-config FILE] [--locale L]
 
-Which bundle: `--model BUNDLE`; else `$STAR_BUNDLE`; else the default bundle installed with the
-package, the folder `star_runtime/data/default_bundle/` (package data; issue 8 ships the trained
-STAR int8 bundle there). With none of them star-chat prints one line saying how to build a bundle
-(star-train, then star-export). A missing or broken bundle, an unusable device or a bad
-`--safety-config` file is one line on stderr too. Exit codes: 0 a normal end, 1 one of those
-problems, 2 bad arguments (argparse), 130 Ctrl-C while loading or in the non-interactive mode.
+Which bundle: `--model BUNDLE`; else the runtime's default bundle (`star_runtime.runtime
+.default_bundle`: `$STAR_BUNDLE`, else `star_runtime/data/default_bundle/`, the trained STAR int8
+bundle installed with the package). With none of them star-chat prints one line saying how to
+build a bundle (star-train, then star-export); `--model ""` is refused, not read as "none". A
+missing or broken bundle, an unusable device or a bad `--safety-config` file is one line on
+stderr too. Exit codes (star_runtime.cli): 0 a normal end, 2 one of those problems or bad
+arguments, 1 stdout closed or gone, 130 Ctrl-C while loading or in the non-interactive mode.
+
+Nothing the bundle, the model or the user supplied reaches the terminal with control characters
+in it: manifest strings, replies, labels and echoed input go through `star_runtime.terminal
+.printable` (the JSON lines too: their "reply" and labels are the text a person would see).
 
 Safety comes from the runtime (`star_runtime.safety` inside `Conversation.reply`): a message in
 crisis is answered with a fixed message and the crisis resources of `--locale` from
@@ -49,7 +54,6 @@ import os
 import signal
 import sys
 import threading
-from importlib import resources
 from pathlib import Path
 from typing import TextIO
 
@@ -58,21 +62,17 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from star_runtime import Reply, Runtime
+from star_runtime import DeviceError, Reply, Runtime
+from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_version
+from star_runtime.decoding import NonFiniteOutputError
+from star_runtime.runtime import BUNDLE_ENV
 from star_runtime.safety import SafetyPolicy
+from star_runtime.terminal import printable
 from star_runtime.transcript import Transcript, reply_record
 
-BUNDLE_ENV = "STAR_BUNDLE"
 # A terminal in canonical mode keeps at most 4,095 characters of a line (Linux's N_TTY_BUF_SIZE
 # of 4,096, less the newline) and drops the rest without a word.
 TTY_LINE_LIMIT = 4095
-PACKAGED_BUNDLE = ("data", "default_bundle")  # star_runtime/data/default_bundle/, issue 8 ships it
-
-NO_BUNDLE = (
-    "no model to load: pass --model BUNDLE, set $STAR_BUNDLE, or build a bundle with "
-    "`star-train --stage single --preset compact --out runs/star` then "
-    "`star-export --checkpoint runs/star/best --out bundle`"
-)
 
 DISCLAIMER = (
     "STAR is an automated support tool, not a clinician, and not a substitute for professional "
@@ -90,7 +90,7 @@ COMMANDS = {
 
 
 class ChatError(Exception):
-    """A problem the user can fix (no bundle, a broken one, a bad safety file): one line, exit 1."""
+    """A problem the user can fix (no bundle, a broken one, a bad safety file): one line, exit 2."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,26 +98,24 @@ class ChatError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def default_bundle() -> Path | None:
-    """The bundle to open without --model: $STAR_BUNDLE, else the packaged one, else None."""
-    if env := os.environ.get(BUNDLE_ENV):
-        return Path(env).expanduser()
-    packaged = Path(str(resources.files("star_runtime").joinpath(*PACKAGED_BUNDLE)))
-    return packaged if packaged.is_dir() else None
-
-
 def load_runtime(args: argparse.Namespace) -> Runtime:
     """Open the bundle the arguments name, with their safety policy; failures become ChatError."""
-    path = Path(args.model).expanduser() if args.model else default_bundle()
-    if path is None:
-        raise ChatError(NO_BUNDLE)
+    if args.model is not None and not args.model.strip():
+        raise ChatError("--model is empty: name a bundle folder, or leave --model out for the default bundle")
+    path = None if args.model is None else Path(args.model).expanduser()
     try:
         safety = SafetyPolicy.load(args.safety_config, args.locale)
+    except (OSError, ValueError) as err:  # SafetyConfigError names the file and the problem
+        raise ChatError(f"{err}; fix the file, or leave --safety-config out for the built-in crisis lines") from None
+    try:
         return Runtime.load(path, device=args.device, safety=safety)
-    # BundleError, DeviceError and SafetyConfigError are ValueErrors whose message names the
-    # file and the problem.
-    except (OSError, ValueError) as err:
+    except DeviceError as err:  # says which device or export to use
         raise ChatError(str(err)) from None
+    # BundleError is a ValueError whose message names the folder and the problem.
+    except (OSError, ValueError) as err:
+        hint = ("" if path is None
+                else "; pass --model with a bundle folder star-export wrote, or leave it out for the default")
+        raise ChatError(f"{err}{hint}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -130,12 +128,14 @@ def run_pipe(rt: Runtime, args: argparse.Namespace, stdin: TextIO, stdout: TextI
     conv = rt.conversation(situation=args.situation, seed=args.seed, do_sample=False if args.greedy else None)
     for line in stdin:
         try:
-            out = reply_record(conv.reply(line.rstrip("\r\n")))
-        except ValueError as err:  # the runtime refuses the message ("empty message")
-            out = {"error": str(err)}
+            out = printable_record(reply_record(conv.reply(line.rstrip("\r\n"))))
+        # ValueError: the runtime refuses the message ("empty message"); NonFiniteOutputError:
+        # the bundle's logits are NaN. Either way this line gets its one answer.
+        except (ValueError, NonFiniteOutputError) as err:
+            out = {"error": printable(err)}
         stdout.write(json.dumps(out, ensure_ascii=False) + "\n")
         stdout.flush()  # the program driving us waits for this line before it sends the next
-    return 0
+    return EXIT_OK
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,12 +175,12 @@ class Session:
                     self.too_long(line)
                 elif line.strip().startswith("/"):
                     if not self.command(line.strip()):
-                        return 0
+                        return EXIT_OK
                 elif line.strip():
                     self.say(line)
         except (EOFError, KeyboardInterrupt):
             self.console.print()
-            return 0
+            return EXIT_OK
 
     def too_long(self, line: str) -> None:
         """A line the terminal may have cut at its limit: checked for a crisis, else refused."""
@@ -211,7 +211,7 @@ class Session:
             self.new_conversation()
             echo("[dim]situation set; new conversation[/]")
         elif name == "/situation":
-            echo(Text.assemble(("situation: ", "dim"), self.situation or "(none)"))
+            echo(Text.assemble(("situation: ", "dim"), printable(self.situation or "(none)")))
         elif name == "/strategy":
             if self.last_reply is None:
                 echo("[dim]no reply yet in this conversation[/]")
@@ -223,13 +223,13 @@ class Session:
             try:
                 path = self.transcript.save(arg)
             except OSError as err:
-                echo(Text(f"cannot save to {arg}: {err.strerror or err}", style="red"))
+                echo(Text(printable(f"cannot save to {arg}: {err.strerror or err}"), style="red"))
             else:
-                echo(Text(f"transcript saved to {path}", style="dim"))
+                echo(Text(printable(f"transcript saved to {path}"), style="dim"))
         elif name == "/save":
             echo("[red]usage: /save FILE[/]")
         else:
-            echo(Text.assemble((f"unknown command {name}", "red"), "; /help lists them"))
+            echo(Text.assemble((f"unknown command {printable(name)}", "red"), "; /help lists them"))
         return True
 
     def say(self, text: str) -> None:
@@ -241,15 +241,15 @@ class Session:
             if not shown:
                 self.console.print(Text("star", style="bold cyan"), "> ", sep="", end="")
             shown.append(piece)
-            self.console.print(Text(piece), end="", soft_wrap=True)
+            self.console.print(Text(printable(piece, newlines=True)), end="", soft_wrap=True)
             self.console.file.flush()
             return not stop.is_set()  # False ends the reply at this piece
 
         try:
             with _ctrl_c_sets(stop):
                 reply = self.conv.reply(text, on_token=on_token)
-        except ValueError as err:  # a message the runtime refuses
-            self.console.print(Text(str(err), style="red"))
+        except (ValueError, NonFiniteOutputError) as err:  # a refused message, or a broken bundle
+            self.console.print(Text(printable(err), style="red"))
             return
         finally:
             if shown:
@@ -259,17 +259,18 @@ class Session:
         self.show(reply, stopped=stop.is_set(), streamed=bool(shown))
 
     def show(self, reply: Reply, *, stopped: bool, streamed: bool = False) -> None:
+        text = printable(reply.text, newlines=True)
         if reply.escalated:
-            self.console.print(Panel(Text(reply.text), title="please reach out to a person",
+            self.console.print(Panel(Text(text), title="please reach out to a person",
                                      border_style="bold red", title_align="left"))
         elif not streamed:
-            self.console.print(Text.assemble(("star", "bold cyan"), "> ", reply.text))
+            self.console.print(Text.assemble(("star", "bold cyan"), "> ", text))
         if reply.escalation is not None and reply.escalation.trigger == "situation":
             footer = "escalated: the situation describes a crisis; the model did not run"
         elif reply.strategy is None:
             footer = "escalated: the safety layer answered; the model did not run"
         else:
-            footer = f"strategy: {reply.strategy} ({reply.strategy_probs[reply.strategy]:.0%})"
+            footer = f"strategy: {printable(reply.strategy)} ({reply.strategy_probs[reply.strategy]:.0%})"
             if reply.escalated:
                 footer += " · escalated: the safety screen replaced the model's reply"
         if stopped:
@@ -298,8 +299,15 @@ def probs_table(probs: dict[str, float]) -> Table:
     """The strategy distribution, most likely first, with a bar per strategy."""
     table = Table(show_header=False, box=None, padding=(0, 1))
     for label, p in sorted(probs.items(), key=lambda kv: -kv[1]):
-        table.add_row(label, f"{p:6.1%}", "█" * round(20 * p))
+        table.add_row(Text(printable(label)), f"{p:6.1%}", "█" * round(20 * p))
     return table
+
+
+def printable_record(record: dict) -> dict:
+    """A reply record (transcript.reply_record) with its reply and labels made `printable`."""
+    return {**record, "reply": printable(record["reply"], newlines=True),
+            "strategy": None if record["strategy"] is None else printable(record["strategy"]),
+            "strategy_probs": {printable(k): v for k, v in record["strategy_probs"].items()}}
 
 
 def format_timings(t: dict[str, float]) -> str:
@@ -314,9 +322,9 @@ def banner(rt: Runtime) -> Panel:
     """Which model, on which device, and what it is not."""
     cfg, precision = rt.manifest["model_config"], rt.manifest["precision"]
     star = "STAR on" if cfg.get("star", {}).get("use_star", True) else "STAR off (BlenderBot-Joint)"
-    summary = (f"{cfg['model_type']}, {precision}, d_model {cfg['d_model']}, {cfg['encoder_layers']}+"
-               f"{cfg['decoder_layers']} layers, vocabulary {cfg['vocab_size']:,}, {star}")
-    body = Text.assemble(("model   ", "bold"), str(Path(rt.path).resolve()), "\n", ("config  ", "bold"), summary, "\n",
+    summary = printable(f"{cfg['model_type']}, {precision}, d_model {cfg['d_model']}, {cfg['encoder_layers']}+"
+                        f"{cfg['decoder_layers']} layers, vocabulary {cfg['vocab_size']:,}, {star}")
+    body = Text.assemble(("model   ", "bold"), printable(Path(rt.path).resolve()), "\n", ("config  ", "bold"), summary, "\n",
                          ("device  ", "bold"), rt.device, "\n\n", (DISCLAIMER, "yellow"), "\n\n",
                          ("/help lists the commands; Ctrl-D or /quit ends the session", "dim"))
     return Panel(body, title="star-chat", border_style="cyan", title_align="left")
@@ -351,10 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help='crisis resources: a JSON object of locale -> list of lines, with a "default" entry')
     p.add_argument("--locale", metavar="L", default="default",
                    help="which locale's crisis resources to give (e.g. en-GB; falls back to the language, then default)")
+    add_version(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    if sys.stdout is None or sys.stdin is None:  # started with `>&-` or `<&-`: Python sets them to None
+        if sys.stderr is not None:
+            print(f"star-chat: error: {'stdout' if sys.stdout is None else 'stdin'} is closed; run star-chat "
+                  "with a terminal, a pipe or a file there", file=sys.stderr)
+        return EXIT_FAILURE
     args = build_parser().parse_args(argv)
     interactive = sys.stdin.isatty()
     # Undecodable input becomes U+FFFD instead of a UnicodeDecodeError; a pipe speaks UTF-8
@@ -364,8 +378,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             rt = load_runtime(args)
         except ChatError as err:
-            print("star-chat:", *str(err).split(), file=sys.stderr)  # one line, whatever onnxruntime says
-            return 1
+            # one line, whatever onnxruntime says
+            print("star-chat: error:", *printable(err).split(), file=sys.stderr)
+            return EXIT_USAGE
         if not interactive:
             sys.stdout.reconfigure(encoding="utf-8")
             return run_pipe(rt, args, sys.stdin, sys.stdout)
@@ -373,10 +388,10 @@ def main(argv: list[str] | None = None) -> int:
         console.print(banner(rt))
         return Session(rt, args, console).run()
     except KeyboardInterrupt:  # while loading, or in pipe mode
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # the reader of our stdout went away (`star-chat < in | head -1`)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        return 1
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """The runtime apps use: a loaded bundle, shared by any number of conversations and threads.
 
     from star_runtime import Runtime
+    rt = Runtime.load()                                       # the default bundle (below)
     rt = Runtime.load("model.onnx", device="cpu")            # a bundle folder from star-export
     conv = rt.conversation(situation="I lost my job.", seed=0)
     r = conv.reply("I can't sleep.", on_token=lambda piece: print(piece, end=""))
@@ -11,12 +12,16 @@
 One `Runtime` holds the graphs and weights once; each conversation holds only its history and,
 while it replies, its KV cache. `reply` may run in several threads at once, one conversation
 per thread (onnxruntime sessions allow concurrent runs).
+
+The default bundle (`Runtime.load()` and star-chat without --model): the folder in
+$STAR_BUNDLE, else the one installed with the package, star_runtime/data/default_bundle/.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -31,21 +36,57 @@ from star_runtime.sampling import SamplingParams
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 
 
+BUNDLE_ENV = "STAR_BUNDLE"
+PACKAGED_BUNDLE = ("data", "default_bundle")  # inside the star_runtime package
+
+NO_BUNDLE = (
+    "no model to load: pass a bundle folder (star-chat --model BUNDLE), set $STAR_BUNDLE, or build a "
+    "bundle with `star-train --stage single --preset compact --out runs/star` then "
+    "`star-export --checkpoint runs/star --out bundle` (both need pip install 'star-esc[train]')"
+)
+
+
+def default_bundle() -> Path | None:
+    """The bundle to open when none is named: $STAR_BUNDLE, else the packaged one, else None."""
+    if env := os.environ.get(BUNDLE_ENV):
+        return Path(env).expanduser()
+    packaged = Path(str(resources.files("star_runtime").joinpath(*PACKAGED_BUNDLE)))
+    return packaged if packaged.is_dir() else None
+
+
 class Runtime:
+    """A loaded STAR bundle: its graphs, weights, tokenizer and safety policy, opened once.
+
+    Make one with `Runtime.load(path)` (or `Runtime.load()` for the default bundle), then talk
+    with `rt.conversation(...).reply(text)`, or call `rt.generate(ids)` for token ids in and out.
+    Attributes: `path` (the bundle folder), `manifest` (its manifest.json), `device`,
+    `tokenizer`, `safety`. One Runtime may serve many threads, one conversation per thread.
+    """
+
     def __init__(self, path: Path, manifest: dict[str, Any], engine: Engine, tokenizer: Tokenizer,
                  safety: SafetyPolicy) -> None:
         self.path, self.manifest, self.engine, self.tokenizer, self.safety = path, manifest, engine, tokenizer, safety
         self.device = engine.device
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str], device: str = "cpu", *, threads: int | None = None,
+    def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu", *, threads: int | None = None,
              safety: SafetyPolicy | None = None, verify: bool = True) -> Runtime:
         """Open a bundle folder. BundleError (a ValueError) names what is wrong with it.
 
-        device: "cpu" or "cuda" (needs onnxruntime-gpu). threads: intra-op threads (default: one
-        per core). safety: the safety policy (default: the built-in one, SafetyPolicy.load()).
+        path: the bundle folder; None opens the default bundle (module docstring). An empty
+        string is refused rather than read as "none". device: "cpu" or "cuda" (needs
+        onnxruntime-gpu). threads: intra-op threads, a positive integer (default: one per
+        core). safety: the safety policy (default: the built-in one, SafetyPolicy.load()).
         verify: check every file's sha256 against the manifest (sizes are always checked).
         """
+        if path is None:
+            path = default_bundle()
+            if path is None:
+                raise BundleError(NO_BUNDLE)
+        elif not str(path).strip():
+            raise BundleError("the bundle path is empty: name a bundle folder, or pass None for the default")
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise ValueError(f"threads must be a positive integer (or None: one per core), not {threads!r}")
         path = Path(path)
         manifest = load_manifest(path, verify=verify)
         try:
@@ -77,6 +118,8 @@ class Runtime:
         """Token ids in, strategy and token ids out, with timings (the benchmarks' entry point).
 
         context_ids: the encoder input, cut to its last max_source_length tokens here.
+        max_new_tokens: at most max_positions - 1 (511 for BlenderBot-Small): decoder position 0
+        reads __start__, position 1 the strategy token, and token t is read at position t + 1.
         Greedy by default; do_sample=True uses the bundle's sampling settings (or `sampling`
         overrides: top_p, top_k, temperature, repetition_penalty) with a generator seeded by `seed`.
         """
@@ -87,4 +130,4 @@ class Runtime:
                         on_token=on_token)
 
 
-__all__ = ["Runtime", "Reply", "Conversation", "Generation", "BundleError"]
+__all__ = ["Runtime", "Reply", "Conversation", "Generation", "BundleError", "default_bundle"]

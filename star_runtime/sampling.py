@@ -16,6 +16,8 @@ Cost per token: the penalty touches only the seen ids; top-k is one `argpartitio
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -37,6 +39,15 @@ class SamplingParams:
     repetition_penalty: float = 1.03
 
     def __post_init__(self) -> None:
+        # NaN passes `x <= 0` (every comparison with NaN is False), so finiteness is checked first.
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, not {value!r}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
+            raise ValueError(f"top_k must be an integer (0 = off), not {self.top_k!r}")
+        if not isinstance(self.do_sample, (bool, np.bool_)):
+            raise ValueError(f"do_sample must be True or False, not {self.do_sample!r}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), not {self.temperature}")
         if self.top_k < 0:

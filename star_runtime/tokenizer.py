@@ -3,21 +3,32 @@
 It reproduces transformers' slow `BlenderbotSmallTokenizer` (the reference: SPEC section 2; the
 fast one cannot be built from these files) after
 `add_special_tokens({"additional_special_tokens": list(STRATEGIES)})`, id for id and string for
-string (tests/test_tokenizer.py checks every ESConv utterance), without transformers, torch or the
-`regex` package, so the edge runtime can use it. The rules below are derived from
+string on text without added tokens (tests/test_tokenizer.py checks every ESConv utterance),
+without transformers, torch or the `regex` package, so the edge runtime can use it.
+
+One deliberate difference: `encode` is for text people wrote, so it never yields a special id.
+The reference cuts `__end__`, `__start__`, `__null__`, `__unk__` and the strategy tags out of
+any text and maps them to their ids, which let a user forge turn separators and model turns in
+the conversation's context. Here they are ordinary text: a strategy tag is BPE-split like any
+word (its token ids lie past the base vocabulary, where BPE never reaches), and a BPE piece that
+is itself a special token (`__end__` merges into one piece) is spelled out one character per
+piece. None of ESConv's 39,665 situations and utterances contains any of them (checked by
+tests/test_tokenizer.py), so training data encodes exactly as the reference does. The context's
+real separators and strategy tokens are ids added by the code that builds it (star_training.data,
+star_runtime.conversation), never text. The rules below are derived from
 transformers/models/blenderbot_small/tokenization_blenderbot_small.py and
 tokenization_utils.py (Apache-2.0, The HuggingFace Inc. team), transformers 4.57.
 
 encode(text):
-  1. cut out the added tokens (`__null__ __start__ __end__ __unk__` and the strategy tokens),
-     leftmost first; each maps straight to its id (the strategy tokens to V..V+7, V = 54,944);
-  2. split the rest into chunks `\\S+\\n?`, where whitespace is Unicode White_Space (the `regex`
+  1. (the reference only: cut out the added tokens, each mapped to its id; see above)
+  2. split the text into chunks `\\S+\\n?`, where whitespace is Unicode White_Space (the `regex`
      package's `\\s`, which unlike `re`'s leaves out U+001C..U+001F);
   3. per chunk: a space before each of `. , ! ? ( )`, spaces around `'`, whitespace runs -> one
      space, `\\n` -> ` __newln__`; split on spaces; lowercase each word and BPE-merge it: the pair
      with the lowest rank in merges.txt merges everywhere in the word, left to right, until no pair
      has a rank; `</w>` marks the last symbol; every piece but the last ends in `@@`;
-  4. piece -> id through vocab.json (lowercased), `__unk__` (3) when absent.
+  4. a piece that is a special token is spelled out: `__end__` -> `_@@ _@@ e@@ n@@ d@@ _@@ _`;
+  5. piece -> id through vocab.json (lowercased), `__unk__` (3) when absent.
 decode(ids): pieces joined by spaces with `"@@ "` removed; a strategy token is a segment of its
 own, segments joined by one space; `skip_special_tokens` drops every added token (`__unk__` too,
 and with it any id outside the vocabulary).
@@ -79,10 +90,7 @@ class Tokenizer:
         self._added = {t: encoder[t] for t in (PAD, BOS, EOS, UNK)} | dict(zip(STRATEGIES, self.strategy_ids))
         self._decoder = {i: t for t, i in encoder.items()} | {i: t for t, i in self._added.items()}
         self._strategy_tokens = frozenset(STRATEGIES)
-        # Longest first, so that a token is never cut by one that is its prefix.
-        self._added_re = re.compile(
-            "(" + "|".join(re.escape(t) for t in sorted(self._added, key=len, reverse=True)) + ")"
-        )
+        self._reserved = frozenset((PAD, BOS, EOS, UNK))  # BPE pieces that would be special ids
         self._cache: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
 
     # ---------------------------------------------------------------- files
@@ -211,6 +219,7 @@ class Tokenizer:
         text = _WS_RUN.sub(" ", text)  # before the newline swap, as in the reference
         text = text.replace("\n", " __newln__")
         pieces = tuple(p for word in text.split(" ") if word for p in self._bpe(word.lower()))
+        pieces = tuple(q for p in pieces for q in (_spelled(p) if p in self._reserved else (p,)))
         ids = tuple(self._encoder.get(p.lower(), self.unk_id) for p in pieces)
         if len(self._cache) >= _CACHE_LIMIT:
             self._cache.clear()
@@ -218,20 +227,15 @@ class Tokenizer:
         return pieces, ids
 
     def _pieces(self, text: str) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
-        out = []
-        for k, part in enumerate(self._added_re.split(text)):
-            if k % 2:  # the split's odd parts are the added tokens themselves
-                out.append(((part,), (self._added[part],)))
-            else:
-                out.extend(self._chunk(c) for c in _CHUNK.findall(part))
-        return out
+        return [self._chunk(c) for c in _CHUNK.findall(text)]
 
     def tokenize(self, text: str) -> list[str]:
-        """Token strings: BPE pieces (`@@` when the word goes on) and added tokens."""
+        """Token strings: BPE pieces (`@@` when the word goes on), never an added token."""
         return [p for pieces, _ in self._pieces(text) for p in pieces]
 
     def encode(self, text: str) -> list[int]:
-        """Token ids of `text`, no `__start__`/`__end__` added."""
+        """Token ids of `text` as ordinary text: never a special or strategy id, whatever it holds
+        (`__end__` or `[Question]` typed by a person are words); no `__start__`/`__end__` added."""
         return [i for _, ids in self._pieces(text) for i in ids]
 
     def token_to_id(self, token: str) -> int:
@@ -270,6 +274,13 @@ class Tokenizer:
     def create_stream(self, skip_special_tokens: bool = True) -> StreamDecoder:
         """An incremental decoder for text printed while tokens are generated."""
         return StreamDecoder(self, skip_special_tokens)
+
+
+def _spelled(piece: str) -> tuple[str, ...]:
+    """A BPE piece one character per piece, `@@` on all but the last (which keeps the piece's)."""
+    glue = "@@" if piece.endswith("@@") else ""
+    chars = piece.removesuffix("@@")
+    return tuple(c + "@@" for c in chars[:-1]) + (chars[-1] + glue,)
 
 
 class StreamDecoder:

@@ -144,10 +144,10 @@ def test_cli_writes_json_and_figures_for_joint_and_star(setup, tmp_path, capsys)
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (lambda s, t: ["--checkpoint", str(t / "nothing"), "--data", str(s["data"])], "no such checkpoint folder"),
-        (lambda s, t: ["--checkpoint", str(t), "--data", str(s["data"])], "not a model folder star-train wrote"),
+        (lambda s, t: ["--checkpoint", str(t / "nothing"), "--data", str(s["data"])], "no such folder"),
+        (lambda s, t: ["--checkpoint", str(t), "--data", str(s["data"])], "nor a star-train run folder"),
         (lambda s, t: ["--checkpoint", str(s["joint"]), "--checkpoint", str(t / "later"), "--data", str(s["data"])],
-         "later: no such checkpoint folder"),
+         "later: no such folder"),
         (lambda s, t: ["--checkpoint", str(s["joint"]), "--data", str(t / "nowhere")], "does not exist"),
         (lambda s, t: ["--checkpoint", str(s["joint"]), "--data", str(t)], "file not found"),
     ],

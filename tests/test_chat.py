@@ -321,7 +321,7 @@ def test_pipe_mode_greedy_ignores_the_seed_and_star_bundle_names_the_default(bun
 
 def _one_line_error(done: subprocess.CompletedProcess) -> str:
     err = done.stderr.decode()
-    assert done.returncode == 1 and done.stdout == b"", (done.returncode, done.stdout, err)
+    assert done.returncode == 2 and done.stdout == b"", (done.returncode, done.stdout, err)
     assert err.startswith("star-chat: ") and err.count("\n") == 1 and "Traceback" not in err, err
     return err
 
@@ -352,7 +352,7 @@ def test_bad_safety_config_and_unavailable_device_give_one_line(bundle, tmp_path
 
 def test_no_model_loads_the_shipped_default(monkeypatch) -> None:
     from star_runtime.bundle import load_manifest
-    from star_runtime.chat import default_bundle
+    from star_runtime.runtime import default_bundle
 
     monkeypatch.delenv("STAR_BUNDLE", raising=False)
     shipped = default_bundle()
@@ -367,11 +367,11 @@ def test_no_model_loads_the_shipped_default(monkeypatch) -> None:
 
 
 def test_no_model_anywhere_says_how_to_build_one(monkeypatch, tmp_path) -> None:
-    from star_runtime import chat
+    from star_runtime import chat, runtime
 
-    monkeypatch.setattr(chat, "PACKAGED_BUNDLE", ("data", "no-such-bundle"))
+    monkeypatch.setattr(runtime, "PACKAGED_BUNDLE", ("data", "no-such-bundle"))
     monkeypatch.delenv("STAR_BUNDLE", raising=False)
-    assert chat.default_bundle() is None
+    assert runtime.default_bundle() is None
     with pytest.raises(chat.ChatError) as err:
         chat.load_runtime(chat.build_parser().parse_args([]))
     assert all(hint in str(err.value) for hint in ("star-train", "star-export", "--model"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from star_runtime.strategies import STRATEGY_NAMES
+from star_runtime.strategies import STRATEGIES, STRATEGY_NAMES
 from star_runtime.tokenizer import Tokenizer
 from star_training.data import (
     SPLITS,
@@ -106,6 +106,12 @@ def test_examples(splits: dict[str, list[Conversation]], tok: Tokenizer) -> None
             assert e.response == turns[e.turn].text and e.context == tuple(t.text for t in turns[: e.turn])
 
 
+def thu_coai_process(tok: Tokenizer):
+    """thu-coai's `process`: the reference tokenizer, which maps a strategy tag in the text to its
+    token. Ours encodes typed tags as ordinary text, so the tag goes through token_to_id."""
+    return lambda text: [tok.token_to_id(text)] if text in STRATEGIES else tok.encode(text)
+
+
 def thu_coai_features(dialog: list[dict], process, bos: int, eos: int, max_input: int) -> list[tuple]:
     """Transcription of codes_zcj/inputters/strat.py: convert_data_to_inputs + featurize."""
     inputs, context = [], []
@@ -134,10 +140,10 @@ def test_matches_thu_coai_inputter(valid_lines: list[dict], splits, tok: Tokeniz
     with_situation = build_examples(conversations, tok)
     expected, full = [], []
     for raw in valid_lines:
-        expected += thu_coai_features(raw["dialog"], tok.encode, tok.bos_id, tok.eos_id, 160)
+        expected += thu_coai_features(raw["dialog"], thu_coai_process(tok), tok.bos_id, tok.eos_id, 160)
         situation = tok.encode(" ".join(raw["situation"].split())) + [tok.eos_id]
         full += [(situation + f[0], *f[1:])
-                 for f in thu_coai_features(raw["dialog"], tok.encode, tok.bos_id, tok.eos_id, 10**9)]
+                 for f in thu_coai_features(raw["dialog"], thu_coai_process(tok), tok.bos_id, tok.eos_id, 10**9)]
     assert len(plain) == len(with_situation) == len(expected) == 2722 - sum(
         c.turns[0].speaker == SUPPORTER for c in conversations
     )

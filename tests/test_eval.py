@@ -99,8 +99,8 @@ def test_a_fixed_seed_gives_the_same_replies(setup, tmp_path) -> None:
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (lambda m, d, t: [str(t / "nothing"), "--data", str(d)], "no such model folder"),
-        (lambda m, d, t: [str(t), "--data", str(d)], "not a model folder star-train wrote"),
+        (lambda m, d, t: [str(t / "nothing"), "--data", str(d)], "no such folder"),
+        (lambda m, d, t: [str(t), "--data", str(d)], "nor a star-train run folder"),
         (lambda m, d, t: [str(m), "--data", str(t / "nowhere")], "does not exist"),
     ],
     ids=["missing-model", "not-a-checkpoint", "missing-data"],

@@ -190,7 +190,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         shutil.copy(ckpt / name, no_tokenizer / name)
     out = str(tmp_path / "out")
     cases = [
-        (("--checkpoint", str(tmp_path / "missing"), "--out", out), "no checkpoint folder"),
+        (("--checkpoint", str(tmp_path / "missing"), "--out", out), "no such folder"),
         (("--checkpoint", str(corrupt), "--out", out), "not a readable safetensors file"),
         (("--checkpoint", str(no_tokenizer), "--out", out), "no usable tokenizer files"),
         (("--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file")), "is a file"),
@@ -199,7 +199,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
     ]
     for args, message in cases:
         code, err = _cli(capsys, *args)
-        assert code == 1 and err.startswith("star-export: error:") and message in err, (args, err)
+        assert code == 2 and err.startswith("star-export: error:") and message in err, (args, err)
         assert err.count("\n") == 1, err
     assert (tmp_path / "not_a_bundle" / "notes.txt").read_text() == "mine"
     code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", out, "--fp16", "--quantize", "int8")

@@ -272,6 +272,6 @@ def test_missing_folders_and_non_checkpoints(tmp_path) -> None:
     (tmp_path / "f.txt").write_text("x")
     with pytest.raises(CheckpointError, match="is a file"):
         load_model(tmp_path / "f.txt", star_config=star)
-    with pytest.raises(CheckpointError, match="refusing to overwrite"):
+    with pytest.raises(CheckpointError, match="refusing to replace"):
         tiny_model().save_pretrained(tmp_path)
     assert (tmp_path / "f.txt").read_text() == "x"

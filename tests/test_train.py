@@ -255,4 +255,5 @@ def test_console_script_reports_without_traceback(tmp_path) -> None:
     run = subprocess.run([sys.executable, "-m", "star_training.train_cli", "--data", str(tmp_path / "none")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
-    assert run.stderr.strip() == f"star-train: error: --data {tmp_path / 'none'} does not exist"
+    assert run.stderr.strip() == (f"star-train: error: --data {tmp_path / 'none'} does not exist; pass a folder of "
+                                  "train/valid/test.txt files or an ESConv.json")

@@ -9,7 +9,8 @@ For each model, on the same seeded sample of the split:
     with STAR, also h), t-SNE to 2D, K-means with k = 8, silhouette and adjusted Rand index
     against the gold strategies (star_training.hidden_clusters).
 Writes OUT/analysis.json, OUT/clusters_<model>.png per model and, with several models,
-OUT/clusters.png with one panel per model (its generation state).
+OUT/clusters.png with one panel per model (its generation state). Files in OUT are replaced only
+when OUT/analysis.json is star-analyze's own.
 """
 
 from __future__ import annotations
@@ -27,11 +28,12 @@ from rich.console import Console
 from rich.table import Table
 
 from star_runtime.strategies import STRATEGY_NAMES
-from star_training.checkpoint import STAR_CONFIG_FILE, CheckpointError, load_model
+from star_training.checkpoint import CheckpointError, load_model, resolve_checkpoint
 from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
     add_common_args,
+    check_own_outputs,
     load_tokenizer,
     positive_int,
     resolve_data_path,
@@ -42,6 +44,7 @@ from star_training.cluster_plot import Panel, plot_panels
 from star_training.data import Example, build_examples, collate, load_conversations
 from star_training.distributed import resolve_device
 from star_runtime.atomic import write_text_atomically
+from star_runtime.terminal import printable
 from star_training.hidden_clusters import K, STATE_FUSED, STATE_H, cluster_states, response_states
 from star_training.interference import GROUPS, Interval, gradient_cosine
 from star_training.run_state import read_train_config
@@ -54,7 +57,8 @@ PAPER_TABLE_1 = {JOINT: -0.05, STAR: 0.47}  # gradient cosine of L_LM and L_ST, 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, action="append", required=True,
-                   help="a model folder star-train wrote; repeat for several (e.g. Joint, then STAR)")
+                   help="a star-train run folder (its best/, else last/) or a checkpoint folder in one; repeat for "
+                   "several (e.g. Joint, then STAR)")
     add_common_args(p)
     p.add_argument("--split", choices=("valid", "test"), default="valid", help="(default: valid)")
     p.add_argument("--batches", type=positive_int, default=50, help="batches for the gradient cosine (default: 50)")
@@ -78,11 +82,6 @@ def _interval(iv: Interval, values: list[float]) -> dict[str, Any]:
     return {"mean": iv.mean, "ci95": None if iv.low is None else [iv.low, iv.high], "per_batch": values}
 
 
-def _check_checkpoint(checkpoint: Path) -> None:
-    if not checkpoint.is_dir():
-        raise CliError(f"{checkpoint}: no such checkpoint folder")
-    if not (checkpoint / STAR_CONFIG_FILE).is_file():
-        raise CliError(f"{checkpoint}: no {STAR_CONFIG_FILE}, so not a model folder star-train wrote")
 
 
 def analyse_model(
@@ -198,13 +197,20 @@ def main(argv: list[str] | None = None) -> int:
         seed = 42 if args.seed is None else args.seed
         device = resolve_device(args.device or "auto")
         data_path = resolve_data_path(args.data)
+        resolved = []
         for checkpoint in args.checkpoint:  # all of them before minutes of work on the first
-            _check_checkpoint(checkpoint)
+            folder, which = resolve_checkpoint(checkpoint)
+            if which:
+                print(f"{PROG}: using {printable(which)}", file=sys.stderr)
+            resolved.append(folder)
+        args.checkpoint = resolved
+        figures = tuple(p.name for p in args.out.glob("clusters*.png")) if args.out.is_dir() else ()
+        check_own_outputs(args.out, ("analysis.json", *figures), "analysis.json", {"paper_table_1", "models"}, PROG)
         analysed = [analyse_model(checkpoint, args, data_path, seed, device) for checkpoint in args.checkpoint]
         try:
             args.out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CliError(f"cannot create --out {args.out}: {e.strerror or e}") from e
+            raise CliError(f"cannot create --out {args.out}: {e.strerror or e}; choose another --out") from e
         models, taken = [], set()
         for record, panels in analysed:
             record["figure"] = f"clusters_{_slug(record['label'], taken)}.png"
@@ -227,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         notes = [f"{m['label']}: {m['gradient_cosine']['batches']} of {args.batches} batches (the split is smaller)"
                  for m in models if m["gradient_cosine"]["batches"] < args.batches]
         for line in notes + [f"written to {args.out}"]:
-            print(line)
+            print(printable(line))
         return 0
 
     return run_cli(PROG, body)

@@ -11,7 +11,13 @@ A checkpoint is a folder that transformers can also open as a plain BlenderBot-S
     tokenizer files    when saved with a tokenizer folder (star_runtime.tokenizer.Tokenizer.save)
 
 The folder is written with `folders.write_folder_atomically`, so a crash never leaves a
-half-written checkpoint under the destination's name.
+half-written checkpoint under the destination's name, and it replaces only what `is_checkpoint`
+recognises (or an empty folder): `check_replaceable`, the one overwrite check of every checkpoint
+writer (save_model, star-train's OUT/last and OUT/best).
+
+A star-train run folder holds `best/` (lowest validation loss) and `last/` (the latest save);
+`resolve_checkpoint` turns either a checkpoint folder or a run folder into the checkpoint to use
+(best, else last), for star-export, star-eval and star-analyze.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ CONFIG_FILE = "config.json"
 STAR_CONFIG_FILE = "star_config.json"
 WEIGHTS_FILE = "model.safetensors"
 STAR_PREFIX = "star."
+RUN_BEST, RUN_LAST = "best", "last"  # a star-train run folder's checkpoints, in the order they are preferred
 _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")  # "facebook/blenderbot_small-90M"
 
 
@@ -63,8 +70,7 @@ def save_model(
     An existing folder at `directory` is replaced only if it is a checkpoint itself (or empty).
     """
     directory = Path(directory)
-    if directory.exists() and not _is_replaceable(directory):
-        raise CheckpointError(f"refusing to overwrite {directory}: it exists and is not a checkpoint folder")
+    check_replaceable(directory)
 
     def fill(tmp: Path) -> None:
         if tokenizer_dir is not None:
@@ -77,8 +83,58 @@ def save_model(
     write_folder_atomically(directory, fill)
 
 
-def _is_replaceable(directory: Path) -> bool:
-    return directory.is_dir() and (_is_star_folder(directory) or not any(directory.iterdir()))
+def is_checkpoint(folder: str | PathLike) -> bool:
+    """Whether `folder` is a complete checkpoint this code wrote and reads: config.json,
+    model.safetensors and a star_config.json of this FORMAT_VERSION."""
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in (CONFIG_FILE, STAR_CONFIG_FILE, WEIGHTS_FILE)):
+        return False
+    try:
+        return _read_json(folder / STAR_CONFIG_FILE).get("format_version") == FORMAT_VERSION
+    except CheckpointError:
+        return False
+
+
+def check_replaceable(folder: str | PathLike) -> None:
+    """CheckpointError unless `folder` is absent, an empty folder, or a checkpoint (`is_checkpoint`):
+    a writer replaces only what it wrote, never a user's files that happen to sit at that name."""
+    folder = Path(folder)
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_dir() and not folder.is_symlink() and (is_checkpoint(folder) or not any(folder.iterdir())):
+        return
+    raise CheckpointError(f"refusing to replace {folder}: it exists and is not a checkpoint folder; "
+                          "move it away or choose another output folder")
+
+
+def resolve_checkpoint(path: str | PathLike) -> tuple[Path, str | None]:
+    """The checkpoint to use for `path`, and a line saying which when it is not `path` itself.
+
+    path: a checkpoint folder (used as is) or a star-train run folder (its --out), whose
+    RUN_BEST checkpoint is used when there is one, else RUN_LAST (a run stopped by --max-steps or
+    Ctrl-C before its first validation has only last/). CheckpointError says what to pass instead.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such folder; give a star-train run folder (its --out) or a checkpoint "
+                              f"in one (RUN/{RUN_BEST} or RUN/{RUN_LAST})")
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is a file; give a star-train run folder (its --out) or a checkpoint folder")
+    if is_checkpoint(path):
+        return path, None
+    for name in (RUN_BEST, RUN_LAST):
+        if is_checkpoint(path / name):
+            why = ("the best validation loss" if name == RUN_BEST
+                   else f"the latest save; the run has no {RUN_BEST}/ yet, it is written at the end of an epoch")
+            return path / name, f"checkpoint {path / name} ({why})"
+    if (path / RUN_BEST).exists() or (path / RUN_LAST).exists():
+        raise CheckpointError(f"{path}: its {RUN_BEST}/ and {RUN_LAST}/ are not complete checkpoints; resume the run "
+                              f"with star-train --resume --out {path}, or give another checkpoint")
+    if (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path}: a BlenderBot-Small folder without STAR ({STAR_CONFIG_FILE} is missing); "
+                              f"train it first: star-train --base {path} --out RUN, then give RUN")
+    raise CheckpointError(f"{path} is neither a checkpoint ({STAR_CONFIG_FILE}, {WEIGHTS_FILE}) nor a star-train run "
+                          f"folder ({RUN_BEST}/ or {RUN_LAST}/); give the --out folder of star-train")
 
 
 # -- loading ----------------------------------------------------------------------------------
@@ -149,20 +205,61 @@ def _load_base(name_or_path: str | PathLike) -> BlenderbotSmallForConditionalGen
         raise CheckpointError(f"cannot load BlenderBot-Small weights from {name_or_path}{where}: {e}") from e
 
 
+_SIZE_FIELDS = ("vocab_size", "d_model", "encoder_layers", "decoder_layers", "encoder_attention_heads",
+                "decoder_attention_heads", "encoder_ffn_dim", "decoder_ffn_dim", "max_position_embeddings")
+
+
+def estimated_parameters(config: BlenderbotSmallConfig, star: StarConfig) -> int:
+    """The parameter count the configs describe, from the sizes alone (no tensor is built).
+
+    V d (tied embedding) + 2 P d (positions) + L_enc (4 d^2 + 2 d F_enc) + L_dec (8 d^2 + 2 d F_dec)
+    + STAR's gate and refiner FFNs (2 d h each); biases and norms (O(L d)) are left out, so this is
+    a lower bound (measured: tiny preset 1,836,288 estimated, 1,839,424 built; compact 18,262,016 and
+    18,346,496).
+    """
+    d = config.d_model
+    star_ffn = sum(2 * d * (width or d) for width in (star.gate_hidden, star.refine_hidden))
+    return (config.vocab_size * d + 2 * config.max_position_embeddings * d
+            + config.encoder_layers * (4 * d * d + 2 * d * config.encoder_ffn_dim)
+            + config.decoder_layers * (8 * d * d + 2 * d * config.decoder_ffn_dim) + star_ffn)
+
+
+def check_sizes(path: Path, config: BlenderbotSmallConfig, star: StarConfig, weights_bytes: int) -> None:
+    """CheckpointError for sizes that are not positive integers, or that describe a model larger than
+    the weights file can hold (at least one byte per parameter): checked before any tensor exists,
+    so an edited config.json (d_model 10^6, 10^5 layers) is one line, not a 230 GB allocation."""
+    bad = [f"{name} {getattr(config, name, None)!r}" for name in _SIZE_FIELDS
+           if isinstance(getattr(config, name, None), bool) or not isinstance(getattr(config, name, None), int)
+           or getattr(config, name) < 1]
+    if bad:
+        raise CheckpointError(f"{path / CONFIG_FILE}: sizes must be positive integers, not {', '.join(bad)}; "
+                              "restore the config.json star-train wrote")
+    n = estimated_parameters(config, star)
+    if n > weights_bytes:
+        raise CheckpointError(
+            f"{path / CONFIG_FILE} describes a model of at least {n:,} parameters, but {WEIGHTS_FILE} holds "
+            f"{weights_bytes:,} bytes: the config does not belong to these weights; restore the config.json "
+            "star-train wrote"
+        )
+
+
 def _load_star_folder(path: Path, star_config: StarConfig | None) -> StarForConditionalGeneration:
     for name in (CONFIG_FILE, STAR_CONFIG_FILE, WEIGHTS_FILE):
         if not (path / name).is_file():
-            raise CheckpointError(f"{path}: missing {name}, not a complete STAR checkpoint")
+            raise CheckpointError(f"{path}: missing {name}, not a complete STAR checkpoint; give the folder star-train "
+                                  "wrote (its run folder, best/ or last/)")
     config = _read_base_config(path / CONFIG_FILE)
     saved = _read_star_config(path / STAR_CONFIG_FILE)
-    tensors = _read_tensors(path / WEIGHTS_FILE)
+    tensors = _read_tensors(path / WEIGHTS_FILE)  # the file's own size, whatever the configs say
+    check_sizes(path, config, star_config or saved, (path / WEIGHTS_FILE).stat().st_size)
     fresh_star = star_config is not None and not saved.use_star
     if fresh_star:
         tensors = {k: v for k, v in tensors.items() if not k.startswith(STAR_PREFIX)}
     try:
         model = StarForConditionalGeneration(config, star_config or saved)
     except (ValueError, TypeError) as e:
-        raise CheckpointError(f"{path}: cannot build the model its configs describe: {e}") from e
+        raise CheckpointError(f"{path}: cannot build the model its configs describe: {e}; restore the configs "
+                              "star-train wrote") from e
     _load_tensors(model, tensors, path / WEIGHTS_FILE, skip_prefix=STAR_PREFIX if fresh_star else None)
     return model
 
@@ -171,11 +268,11 @@ def _read_json(path: Path) -> dict:
     try:
         d = json.loads(path.read_text())
     except FileNotFoundError:
-        raise CheckpointError(f"{path.parent}: missing {path.name}") from None
+        raise CheckpointError(f"{path.parent}: missing {path.name}; give a complete checkpoint folder") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not readable JSON ({e})") from e
+        raise CheckpointError(f"{path}: not readable JSON ({e}); restore the file star-train wrote") from e
     if not isinstance(d, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
+        raise CheckpointError(f"{path}: expected a JSON object; restore the file star-train wrote")
     return d
 
 
@@ -186,14 +283,18 @@ def _read_base_config(path: Path) -> BlenderbotSmallConfig:
             f"{path}: model_type is {d.get('model_type')!r}, not {BlenderbotSmallConfig.model_type!r}: "
             "another architecture"
         )
-    return BlenderbotSmallConfig.from_dict(d)
+    try:
+        return BlenderbotSmallConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a BlenderBot-Small config ({e}); restore the config.json star-train wrote") from e
 
 
 def _read_star_config(path: Path) -> StarConfig:
     d = _read_json(path)
     version = d.pop("format_version", None)
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{path}: format_version {version!r}; this code reads version {FORMAT_VERSION}")
+        raise CheckpointError(f"{path}: format_version {version!r}; this code reads version {FORMAT_VERSION}: use the "
+                              "star-esc version that wrote it, or retrain")
     try:
         return StarConfig.from_dict(d)
     except (TypeError, ValueError) as e:
@@ -204,7 +305,8 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except Exception as e:  # safetensors raises its own SafetensorError, or OSError, on a bad file
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from e
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); the file is damaged: use another "
+                              "checkpoint (e.g. the run's other one, best/ or last/)") from e
 
 
 def _load_tensors(
@@ -235,7 +337,8 @@ def _load_tensors(
         if names
     ]
     if problems:
-        raise CheckpointError(f"{path} does not match the architecture in its config.json; " + "; ".join(problems))
+        raise CheckpointError(f"{path} does not match the architecture in its config.json; " + "; ".join(problems)
+                              + "; restore the config.json that was saved with these weights")
     model.load_state_dict(
         {(k if k.startswith(STAR_PREFIX) else "base." + k): v for k, v in tensors.items()}, strict=False
     )

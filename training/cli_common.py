@@ -1,10 +1,16 @@
 """What star-train and star-eval share: default data paths, checked option types, flag groups,
 seeding, and turning a user's mistake into one line on stderr and a non-zero exit.
+
+Exit codes follow star_runtime.cli: 2 for what the user can fix (CliError and the errors of
+checkpoints, data, tokenizers, devices, bundles), 1 for a failure of the machine (an OSError such
+as a full disk, or `Failure`), 130 for Ctrl-C.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
+import json
 import os
 import random
 import sys
@@ -15,6 +21,8 @@ import numpy as np
 import torch
 
 from star_runtime.bundle import BundleError
+from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_USAGE, add_version
+from star_runtime.terminal import printable
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 from star_training.checkpoint import CheckpointError
 from star_training.data import DataError
@@ -25,12 +33,22 @@ SHARED_DATA = Path(os.environ.get("STAR_SHARED_DATA", Path(__file__).resolve().p
 DEFAULT_DATA = SHARED_DATA / "esconv"
 DEFAULT_TOKENIZER = SHARED_DATA / "blenderbot_small-90M"
 
-EXIT_USAGE = 2
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class CliError(Exception):
-    """A problem the user can fix; the message is printed as is, without a traceback."""
+    """A problem the user can fix; the message is printed as is, without a traceback (exit 2)."""
+
+
+class Failure(Exception):
+    """A correct command that the machine could not finish (exit 1); the message says what to do."""
+
+
+def os_error_message(err: OSError, then: str = "run the same command again") -> str:
+    """One line for an OSError while writing or reading: what, where, and what to do next."""
+    where = f" ({err.filename})" if err.filename else ""
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return f"no space left on the device{where}; free some space, then {then}"
+    return f"{err.strerror or err}{where}; fix that, then {then}"
 
 
 # -- option types: argparse turns their ValueError into "argument --x: invalid ... value" --------
@@ -73,6 +91,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
                         help="auto: CUDA (bf16 autocast) when present, else CPU (default: auto)")
     parser.add_argument("--seed", type=nonnegative_int, default=None, help="random seed (default: 42)")
+    add_version(parser)
 
 
 def resolve_data_path(path: Path | None) -> Path:
@@ -85,8 +104,26 @@ def resolve_data_path(path: Path | None) -> Path:
             )
         return DEFAULT_DATA
     if not path.exists():
-        raise CliError(f"--data {path} does not exist")
+        raise CliError(f"--data {path} does not exist; pass a folder of train/valid/test.txt files or an ESConv.json")
     return path
+
+
+def check_own_outputs(out: Path, names: tuple[str, ...], record: str, keys: set[str], prog: str) -> None:
+    """CliError if OUT holds any of the files `names` that `prog` would replace but did not write.
+
+    A folder is `prog`'s when its JSON file `record` (one of `names`) holds all of `keys`: then
+    its files may be replaced by a new run; a folder without any of `names` is always fine.
+    """
+    present = [name for name in names if (out / name).exists() or (out / name).is_symlink()]
+    if not present:
+        return
+    try:
+        ours = keys <= set(json.loads((out / record).read_text(encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, ValueError, TypeError):
+        ours = False
+    if not ours:
+        raise CliError(f"{out} holds {', '.join(present)} that {prog} did not write, so it will not replace them; "
+                       "choose another --out")
 
 
 def seed_everything(seed: int) -> None:
@@ -99,9 +136,20 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run `body`, turning the errors a user can cause into `prog: error: ...` and an exit code."""
     try:
         return body()
-    except (CliError, CheckpointError, DataError, TokenizerError, DeviceError, BundleError) as exc:
-        print(f"{prog}: error: {exc}", file=sys.stderr)
+    except (CliError, CheckpointError, DeviceError, BundleError) as exc:
+        print(f"{prog}: error: {printable(exc)}", file=sys.stderr)
         return EXIT_USAGE
+    except (DataError, TokenizerError) as exc:  # their messages name the file and the problem
+        then = "fix it or pass another --data" if isinstance(exc, DataError) else (
+            "pass --tokenizer with a BlenderBot-Small tokenizer folder (vocab.json, merges.txt)")
+        print(f"{prog}: error: {printable(exc)}; {then}", file=sys.stderr)
+        return EXIT_USAGE
+    except Failure as exc:
+        print(f"{prog}: error: {printable(exc)}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:  # a full disk, a folder that cannot be written: nothing was half-written
+        print(f"{prog}: error: {printable(os_error_message(exc))}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -1,5 +1,6 @@
 """star-eval: score a saved model on an ESConv split, in the columns of the paper's Table 2.
 
+    star-eval runs/star                                # a run folder: its best/ (else last/)
     star-eval runs/star/best                           # test split, paper decoding, seed 42
     star-eval runs/star/best --limit 200 --oracle-strategy --out /tmp/ev
 
@@ -7,7 +8,8 @@ Writes OUT/predictions.jsonl (context, gold and predicted strategy, reference, h
 OUT/scores.json and OUT/scores.md (the paper's rows beside ours); with --oracle-strategy also
 OUT/predictions_oracle.jsonl and a row labelled ORACLE. The default OUT is a folder beside the
 model: MODEL/../eval-NAME-SPLIT. The data settings (max source/target, situation) default to
-those the model was trained with (its train_config.json).
+those the model was trained with (its train_config.json). Files in OUT are replaced only when
+OUT/scores.json is star-eval's own (else it refuses: choose another --out).
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from star_training.checkpoint import STAR_CONFIG_FILE, load_model
+from star_training.checkpoint import load_model, resolve_checkpoint
 from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
     add_common_args,
+    check_own_outputs,
     load_tokenizer,
     nonnegative_int,
     positive_float,
@@ -35,6 +38,7 @@ from star_training.data import SPLITS, build_examples, load_conversations
 from star_training.distributed import resolve_device
 from star_training.evaluation import DecodingSettings, evaluate
 from star_runtime.atomic import write_text_atomically
+from star_runtime.terminal import printable
 from star_training.report import PAPER_TABLE_2, markdown_table, table_rows
 from star_training.run_state import read_train_config
 
@@ -44,7 +48,8 @@ PAPER = DecodingSettings()
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("model", type=Path, help="a model folder star-train wrote (OUT/best or OUT/last)")
+    p.add_argument("model", type=Path, help="a star-train run folder (its best/ is used, else last/) or a "
+                   "checkpoint folder in one (RUN/best, RUN/last)")
     add_common_args(p)
     p.add_argument("--split", choices=SPLITS, default="test", help="(default: test)")
     p.add_argument("--limit", type=positive_int, default=None, help="score only the first N examples")
@@ -79,6 +84,9 @@ def _provenance(trained: dict) -> str:
     return f"star-train stage {trained.get('stage')}, {start}, {trained.get('epochs')} epochs"
 
 
+OUTPUTS = ("predictions.jsonl", "predictions_oracle.jsonl", "scores.json", "scores.md")
+
+
 def _jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
 
@@ -89,10 +97,9 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().error(f"argument --top-p: must be in (0, 1], not {args.top_p}")
 
     def body() -> int:
-        if not args.model.is_dir():
-            raise CliError(f"{args.model}: no such model folder")
-        if not (args.model / STAR_CONFIG_FILE).is_file():
-            raise CliError(f"{args.model}: no {STAR_CONFIG_FILE}, so not a model folder star-train wrote")
+        args.model, which = resolve_checkpoint(args.model)
+        if which:
+            print(f"{PROG}: using {printable(which)}", file=sys.stderr)
         trained = read_train_config(args.model) or {}
         seed = 42 if args.seed is None else args.seed
         seed_everything(seed)
@@ -110,12 +117,14 @@ def main(argv: list[str] | None = None) -> int:
         examples = build_examples(load_conversations(data_path, args.split), tok, **data_settings)
         examples = examples[: args.limit]
         if not examples:
-            raise CliError(f"{data_path}: the {args.split} split has no supporter turn to score")
+            raise CliError(f"{data_path}: the {args.split} split has no supporter turn to score; pass another --split "
+                           "or --data")
         out = args.out or args.model.resolve().parent / f"eval-{args.model.resolve().name}-{args.split}"
+        check_own_outputs(out, OUTPUTS, "scores.json", {"paper_table_2", "decoding"}, PROG)
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise CliError(f"cannot create --out {out}: {e.strerror or e}") from e
+            raise CliError(f"cannot create --out {out}: {e.strerror or e}; choose another --out") from e
 
         result = evaluate(model, tok, examples, settings=settings, batch_size=args.batch_size, device=device,
                           seed=seed, oracle=args.oracle_strategy)
@@ -139,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             write_text_atomically(out / "predictions_oracle.jsonl", _jsonl(result.oracle_predictions))
         write_text_atomically(out / "scores.json", json.dumps(scores, indent=2) + "\n")
         write_text_atomically(out / "scores.md", table + notes)
-        print(table + notes + f"\nwritten to {out}")
+        print(printable(table + notes + f"\nwritten to {out}", newlines=True))
         return 0
 
     return run_cli(PROG, body)

@@ -3,11 +3,22 @@
 POSIX rename cannot replace a non-empty folder, so an existing one is first renamed aside
 (`.NAME.old`), the new one renamed in, and the old one deleted. A crash can only leave the aside
 copy, never a half-written folder under the real name; `existing_folder` finds that copy.
+
+What a killed writer leaves, and what `recover_folder` (run before the next write) does with it:
+
+    killed while filling            .NAME.tmp-PID (incomplete), NAME     -> the temp folder removed
+    killed between the two renames  .NAME.tmp-PID (complete), .NAME.old  -> the temp folder becomes
+                                                                            NAME, the old one goes
+    killed before deleting the old  NAME, .NAME.old                      -> .NAME.old removed
+
+Only names this module writes are touched (`.NAME.tmp-<pid>` of a process that is gone, and
+`.NAME.old`), never anything else in the folder.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +26,52 @@ from pathlib import Path
 
 def _aside(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.old")
+
+
+def _alive(pid: int) -> bool:
+    """Whether another process with this id runs (its temp folder may still be in use)."""
+    if pid == os.getpid():
+        return False  # ours: this process has not started writing yet
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+def stale_temp_folders(dest: Path) -> list[Path]:
+    """`.NAME.tmp-PID` folders beside `dest` whose writer is no longer running."""
+    pattern = re.compile(rf"\.{re.escape(dest.name)}\.tmp-(\d+)")
+    found = [p for p in dest.parent.iterdir() if (m := pattern.fullmatch(p.name))] if dest.parent.is_dir() else []
+    return sorted(p for p in found if p.is_dir() and not p.is_symlink()
+                  and not _alive(int(pattern.fullmatch(p.name).group(1))))
+
+
+def recover_folder(dest: Path, complete: Callable[[Path], bool]) -> list[str]:
+    """Undo what killed writers of `dest` left (module docstring); returns a line per action.
+
+    complete(folder): whether a folder is a whole one (e.g. a checkpoint that loads): a temp
+    folder is put in place only if it is, and only if it is the single candidate.
+    """
+    dest = Path(dest)
+    temps, aside, notes = stale_temp_folders(dest), _aside(dest), []
+    if not dest.exists() and aside.is_dir():
+        if len(temps) == 1 and complete(temps[0]):  # killed between the renames: the new one is whole
+            os.replace(temps[0], dest)
+            notes.append(f"{dest}: put in place the complete copy a killed run left in {temps[0].name}")
+            temps = []
+        else:
+            os.replace(aside, dest)
+            notes.append(f"{dest}: restored the previous copy a killed run left in {aside.name}")
+    for temp in temps:
+        shutil.rmtree(temp)
+        notes.append(f"{dest.parent}: removed {temp.name}, left by a killed run")
+    if dest.exists() and aside.is_dir():
+        shutil.rmtree(aside)
+        notes.append(f"{dest.parent}: removed {aside.name}, left by a killed run")
+    return notes
 
 
 def write_folder_atomically(dest: Path, fill: Callable[[Path], None]) -> None:

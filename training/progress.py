@@ -2,7 +2,11 @@
 
 The display is a rich progress bar on a terminal and plain lines elsewhere (a log file, CI),
 so redirected output stays readable. The JSONL log has one record per optimizer step
-(`"kind": "train"`) and one per validation (`"kind": "valid"`); the PNG is drawn from it.
+(`"kind": "train"`) and one per validation (`"kind": "valid"`), after a `"kind": "start"` record
+per attempt; the PNG is drawn from it. Every record carries `"attempt"`: 1 for the first run,
+one more for each --resume. A resumed attempt restarts from its checkpoint's step, so the steps
+a killed attempt logged after that checkpoint appear twice; `current_records` keeps, for each
+step, the attempt whose result the weights hold (the latest).
 """
 
 from __future__ import annotations
@@ -83,14 +87,16 @@ def _hms(seconds: float) -> str:
 
 
 class JsonlLog:
-    """Append-only JSON-lines log, flushed per record so a killed run keeps what it logged."""
+    """Append-only JSON-lines log, flushed per record so a killed run keeps what it logged.
 
-    def __init__(self, path: Path, *, append: bool = False) -> None:
-        self.path = path
+    Every record gets `"attempt": attempt` (module docstring)."""
+
+    def __init__(self, path: Path, *, append: bool = False, attempt: int = 1) -> None:
+        self.path, self.attempt = path, attempt
         self._f = open(path, "a" if append else "w", encoding="utf-8")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps({**record, "attempt": self.attempt}) + "\n")
         self._f.flush()
 
     def close(self) -> None:
@@ -98,8 +104,47 @@ class JsonlLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; a last line cut short (a kill or a full disk mid-write) is
+    left out, any other bad line is an error."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i < len(lines) - 1 or line.endswith("\n"):
+                raise
+    return records
+
+
+def is_training_log(path: Path) -> bool:
+    """Whether `path` is a log star-train wrote: JSON lines opening with a "start" record."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            first = json.loads(f.readline())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(first, dict) and first.get("kind") == "start"
+
+
+def next_attempt(path: Path) -> int:
+    """The attempt number of a run that appends to the log at `path` (1 when there is none)."""
+    if not Path(path).is_file():
+        return 1
+    starts = [r.get("attempt", 1) for r in read_jsonl(path) if r.get("kind") == "start"]
+    return max(starts, default=0) + 1
+
+
+def current_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records of the run as its weights hold it: when attempt a starts at step s (from a
+    checkpoint), what earlier attempts logged after step s is dropped (module docstring)."""
+    kept: list[dict[str, Any]] = []
+    for record in records:
+        if record.get("kind") == "start" and kept:
+            kept = [r for r in kept if r["step"] <= record["step"]]
+        kept.append(record)
+    return kept
 
 
 def plot_curves(log_path: Path, png_path: Path) -> None:
@@ -109,7 +154,7 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    records = read_jsonl(log_path)
+    records = current_records(read_jsonl(log_path))
     train = [r for r in records if r["kind"] == "train"]
     valid = [r for r in records if r["kind"] == "valid"]
     fig, (ax_loss, ax_lr, ax_lam) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)

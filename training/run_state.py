@@ -6,7 +6,9 @@
     OUT/best/                 the model folder at the best validation loss (no trainer state)
 
 Both are written into a temporary folder and renamed into place (`folders.py`), so an
-interruption leaves the previous checkpoint, never half of a new one. The position says what is
+interruption leaves the previous checkpoint, never half of a new one, and both replace only a
+checkpoint or an empty folder (`checkpoint.check_replaceable`). `recover_run_folder` cleans what
+a killed save left before the next run writes. The position says what is
 done: `step_in_epoch` optimizer steps of `epoch`; an epoch that has finished is recorded as
 (epoch + 1, 0). With the data order a pure function of (seed, epoch) and the RNG restored, a
 resumed run replays exactly what an uninterrupted one does.
@@ -27,8 +29,9 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from star_runtime.tokenizer import Tokenizer
+from star_training.checkpoint import RUN_BEST, RUN_LAST, check_replaceable, is_checkpoint
 from star_training.distributed import DistContext
-from star_training.folders import existing_folder, write_folder_atomically
+from star_training.folders import existing_folder, recover_folder, write_folder_atomically
 from star_training.model import StarForConditionalGeneration
 
 TRAINER_STATE = "trainer_state.pt"
@@ -94,6 +97,7 @@ def save_run_checkpoint(
         _fill_model_folder(tmp, model, tokenizer, run_config)
         torch.save(state, tmp / TRAINER_STATE)
 
+    check_replaceable(dest)
     write_folder_atomically(dest, fill)
 
 
@@ -101,6 +105,7 @@ def save_model_folder(
     dest: Path, model: StarForConditionalGeneration, tokenizer: Tokenizer, run_config: dict[str, Any]
 ) -> None:
     """Write a model-only folder (OUT/best) atomically."""
+    check_replaceable(dest)
     write_folder_atomically(dest, lambda tmp: _fill_model_folder(tmp, model, tokenizer, run_config))
 
 
@@ -120,6 +125,17 @@ def read_train_config(folder: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
+
+
+def is_run_checkpoint(folder: Path) -> bool:
+    """A checkpoint with the trainer state --resume needs (what OUT/last holds)."""
+    return is_checkpoint(folder) and (Path(folder) / TRAINER_STATE).is_file()
+
+
+def recover_run_folder(out: Path) -> list[str]:
+    """Clean OUT/last and OUT/best of what a killed save left (folders.recover_folder)."""
+    return (recover_folder(Path(out) / RUN_LAST, is_run_checkpoint)
+            + recover_folder(Path(out) / RUN_BEST, is_checkpoint))
 
 
 def find_run_checkpoint(folder: Path) -> Path | None:

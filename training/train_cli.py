@@ -9,6 +9,11 @@
 Every paper default (lr 3e-5, AdamW 0.9/0.999, warm-up 120, global batch 128, 10 epochs, 160/40
 tokens, lambda0 0.8) is a flag. A resumed run takes its settings from the checkpoint; only
 --max-steps, --device and --log-every may be given anew.
+
+What it writes in OUT: last/ and best/ (checkpoints), log.jsonl and curves.png. It replaces them
+only when they are its own (a checkpoint, a star-train log) and refuses to start otherwise; it
+first cleans what a killed save left (run_state.recover_run_folder). A full disk stops the run
+with one line and the previous checkpoint intact: free space and continue with --resume.
 """
 
 from __future__ import annotations
@@ -18,21 +23,25 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
+from star_training.checkpoint import CheckpointError, check_replaceable
 from star_training.cli_common import (
     DEFAULT_TOKENIZER,
     CliError,
+    Failure,
     add_common_args,
     nonnegative_int,
     positive_float,
     positive_int,
+    os_error_message,
     resolve_data_path,
     run_cli,
     unit_interval,
 )
 from star_training.config import PRESETS
-from star_training.distributed import setup, teardown
-from star_training.run_state import find_run_checkpoint, load_trainer_state
-from star_training.trainer import LAST, TrainConfig, Trainer, lambda_for_epoch
+from star_training.distributed import barrier, setup, teardown
+from star_training.progress import is_training_log
+from star_training.run_state import find_run_checkpoint, load_trainer_state, recover_run_folder
+from star_training.trainer import BEST, CURVES, LAST, LOG, TrainConfig, Trainer, lambda_for_epoch
 
 PROG = "star-train"
 HUB_BASE = "facebook/blenderbot_small-90M"
@@ -128,7 +137,7 @@ def _fresh_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
             raise CliError(f"--global-batch {given['global_batch']} disagrees with --batch-size {batch} x "
                            f"--grad-accum {args.grad_accum} x {world_size} process(es) = {implied}")
         given["global_batch"] = implied
-    out = args.out or Path("runs") / f"stage-{stage}"
+    out = _out(args)
     cfg = TrainConfig(
         out=str(out.resolve()), data=str(resolve_data_path(args.data).resolve()),
         tokenizer=str(_tokenizer_dir(args).resolve()), **given,
@@ -148,8 +157,19 @@ def _same_setting(key: str, given: object, saved: object) -> bool:
     return str(given) == str(saved)
 
 
+def _recover(out: Path) -> None:
+    """Clean what a killed save left in OUT, saying what was done (before anything reads OUT)."""
+    if out.is_dir():
+        for note in recover_run_folder(out):
+            print(f"{PROG}: {note}", file=sys.stderr)
+
+
+def _out(args: argparse.Namespace) -> Path:
+    return args.out or Path("runs") / f"stage-{args.stage or DEFAULTS['stage']}"
+
+
 def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
-    out = args.out or Path("runs") / f"stage-{args.stage or DEFAULTS['stage']}"
+    out = _out(args)
     found = find_run_checkpoint(out / LAST)
     if found is None:
         raise CliError(f"--resume: no run checkpoint in {out / LAST} (it is written after the first epoch, "
@@ -157,7 +177,8 @@ def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     try:
         saved = load_trainer_state(found)["run_config"]
     except (OSError, RuntimeError, ValueError, KeyError) as e:
-        raise CliError(f"--resume: cannot read the trainer state in {found}: {e}") from e
+        raise CliError(f"--resume: cannot read the trainer state in {found}: {e}; start a new run with another "
+                       "--out") from e
     given = _given(args) | {k: getattr(args, k) for k in ("data", "tokenizer") if getattr(args, k) is not None}
     changed = [
         f"--{k.replace('_', '-')} {v} (the run used {saved.get(k)})"
@@ -172,16 +193,29 @@ def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
 
 
 def _prepare_out(cfg: TrainConfig, resuming: bool) -> None:
+    """Check that everything the run will write in OUT is absent or its own, before minutes of work."""
     out = Path(cfg.out)
     if not resuming and find_run_checkpoint(out / LAST) is not None:
         raise CliError(f"{out} already holds a run ({out / LAST}); continue it with --resume or choose another --out")
+    for name in (LAST, BEST):
+        try:
+            check_replaceable(out / name)
+        except CheckpointError:
+            raise CliError(f"{out / name} exists and is not a star-train checkpoint, so star-train will not replace "
+                           "it; move it away or choose another --out") from None
+    log, curves = out / LOG, out / CURVES
+    ours = log.is_file() and is_training_log(log)
+    for path in (log, curves):
+        if (path.exists() or path.is_symlink()) and not ours:
+            raise CliError(f"{path} exists and is not from a star-train run, so star-train will not replace it; "
+                           "move it away or choose another --out")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise CliError(f"cannot write to --out {out}: {e.strerror or e}") from e
+        raise CliError(f"cannot write to --out {out}: {e.strerror or e}; choose another --out") from e
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -190,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         ctx = setup(args.device or DEFAULTS["device"])
         try:
+            if ctx.is_main:  # one process cleans up, before any of them reads OUT
+                _recover(_out(args))
+            barrier(ctx)
             if args.resume:
                 cfg, resume_dir = _resumed_config(args)
             else:
@@ -200,7 +237,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise CliError(str(e)) from e
             if ctx.is_main:
                 _prepare_out(cfg, resume_dir is not None)
-            return Trainer(cfg, ctx, resume_dir=resume_dir).run()
+            try:
+                return Trainer(cfg, ctx, resume_dir=resume_dir).run()
+            except OSError as e:  # a full disk mid-run: the last checkpoint written is intact
+                saved = find_run_checkpoint(Path(cfg.out) / LAST) is not None
+                then = (f"continue with star-train --resume --out {cfg.out}" if saved
+                        else "run the same command again")
+                raise Failure(os_error_message(e, then)) from None
         finally:
             teardown(ctx)
 

@@ -32,14 +32,16 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 from transformers.models.blenderbot_small.modeling_blenderbot_small import BlenderbotSmallAttention
 
+from star_runtime.cli import EXIT_INTERRUPTED, EXIT_OK
+from star_runtime.terminal import printable
 from star_runtime.tokenizer import Tokenizer
-from star_training.checkpoint import STAR_CONFIG_FILE, CheckpointError, load_model
+from star_training.checkpoint import RUN_BEST, RUN_LAST, STAR_CONFIG_FILE, CheckpointError, load_model
 from star_training.config import StarConfig
 from star_training.data import DataError, Example, build_examples, collate, load_conversations
 from star_training.distributed import DistContext, all_reduce_sum, barrier
 from star_training.losses import dynamic_lambda
 from star_training.model import IGNORE_INDEX, StarForConditionalGeneration, trainable_parameters_for_stage
-from star_training.progress import JsonlLog, TrainingDisplay, plot_curves
+from star_training.progress import JsonlLog, TrainingDisplay, next_attempt, plot_curves
 from star_training.run_state import (
     Position,
     gather_rng_states,
@@ -51,8 +53,7 @@ from star_training.run_state import (
 from star_training.schedule import linear_schedule
 from star_training.teacher_forced import teacher_forced_scores
 
-EXIT_OK, EXIT_INTERRUPTED = 0, 130
-LAST, BEST, LOG, CURVES = "last", "best", "log.jsonl", "curves.png"
+LAST, BEST, LOG, CURVES = RUN_LAST, RUN_BEST, "log.jsonl", "curves.png"
 
 
 @dataclass
@@ -310,7 +311,8 @@ class Trainer:
         if pos.epoch > cfg.epochs or (cfg.max_steps is not None and pos.global_step >= cfg.max_steps):
             self._say(f"nothing to do: {self.out / LAST} is at step {pos.global_step} of {self.total_steps}")
             return EXIT_OK
-        log = JsonlLog(self.out / LOG, append=self.resumed) if self.ctx.is_main else None
+        attempt = next_attempt(self.out / LOG) if self.resumed else 1
+        log = JsonlLog(self.out / LOG, append=self.resumed, attempt=attempt) if self.ctx.is_main else None
         last_step = min(self.total_steps, cfg.max_steps or self.total_steps)
         display = TrainingDisplay(
             last_step, pos.global_step, every=cfg.log_every
@@ -318,6 +320,8 @@ class Trainer:
         try:
             with self._stop, display or contextlib.nullcontext():
                 if log is not None:
+                    # "step": where this attempt starts; a resumed one repeats the steps its
+                    # predecessor logged after the checkpoint (progress.current_records).
                     log.write({"kind": "start", "step": pos.global_step, "world_size": self.ctx.world_size,
                                "grad_accum": self.accum, "total_steps": self.total_steps,
                                "trainable_parameters": self.trainable.n_trainable, "config": asdict(cfg)})
@@ -364,4 +368,4 @@ class Trainer:
 
     def _say(self, text: str) -> None:
         if self.ctx.is_main:
-            print(text, flush=True)
+            print(printable(text), flush=True)
