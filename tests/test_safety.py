@@ -7,9 +7,10 @@ Two kinds of labelled messages, kept apart:
   (sets 1, 2 and 4; set 3, "split": "heldout", was written before the first rules and has not
   been tuned on since). "known" rows are documented limits, kept out of the thresholds and tested
   to still behave as documented, so the docs stay true.
-- the frozen held-out set, tests/data/safety_heldout.jsonl (and .md): written before the rules
-  were rewritten into category files, never tuned on; its sha256 is checked so it cannot drift.
-  Its figures are the honest estimate for docs/safety.md; never change a rule because of it.
+- the frozen held-out sets, tests/data/safety_heldout*.jsonl (and .md): A, B, C and D, each
+  written and frozen before a round of changes and run once after it; sha256-checked so they
+  cannot drift. The last one (D) is the honest estimate for docs/safety.md; the earlier ones
+  each chose what the next round worked on (their .md files say how).
 
     python tests/test_safety.py        prints recall and precision per category, both sets
 """
@@ -50,6 +51,8 @@ HELDOUT_B_FILE = DATA / "safety_heldout_b.jsonl"
 HELDOUT_B_SHA256 = "00ef1035eca0324d4bfd1e58c1ab0e9e137a6f3b8005b3cf328ae658497b1d59"
 HELDOUT_C_FILE = DATA / "safety_heldout_c.jsonl"
 HELDOUT_C_SHA256 = "c84a883698019a40a427206936dea65345438473c9930c20bba1091b3f0060b0"
+HELDOUT_D_FILE = DATA / "safety_heldout_d.jsonl"
+HELDOUT_D_SHA256 = "b86c7f38e702a3b2f78f9630b1160c54ae42556395b08a5aaab58c45522bb4c8"
 # The first tuning sets were labelled with the old categories; each maps onto one verdict category.
 OLD_CATEGORIES = {"suicide": "suicide_self_harm", "self_harm": "suicide_self_harm", "harm_others": "harm_to_others"}
 # Thresholds on the tuning examples: every crisis on the list is caught (a miss is the costly
@@ -58,16 +61,17 @@ MIN_RECALL = 1.0
 MIN_PRECISION = 0.95
 # Guards on the held-out sets: the figures of the detector as shipped, measured when it was
 # finished (docs/safety.md), so a change that loses any of it fails. Guards against regressions,
-# not targets. C is the honest estimate: written before the semantic screen existed and run once.
-# A chose the second rule round's kinds and B chose the semantic screen's thresholds, so their
-# figures are optimistic.
+# not targets. D is the honest estimate: written before the last round of changes and run once.
+# A, B and C each chose what a later round worked on, so their figures are optimistic.
 HELDOUT_GUARDS = {
     "A": ({"suicide_self_harm": 21 / 22, "harm_to_others": 1.0, "abuse_safeguarding": 1.0, "medical_emergency": 1.0},
           83 / 87),
-    "B": ({"suicide_self_harm": 11 / 22, "harm_to_others": 18 / 20, "abuse_safeguarding": 18 / 22,
-           "medical_emergency": 21 / 22}, 68 / 71),
-    "C": ({"suicide_self_harm": 13 / 20, "harm_to_others": 17 / 20, "abuse_safeguarding": 12 / 20,
-           "medical_emergency": 19 / 20}, 61 / 61),
+    "B": ({"suicide_self_harm": 12 / 22, "harm_to_others": 18 / 20, "abuse_safeguarding": 18 / 22,
+           "medical_emergency": 21 / 22}, 69 / 73),
+    "C": ({"suicide_self_harm": 19 / 20, "harm_to_others": 19 / 20, "abuse_safeguarding": 19 / 20,
+           "medical_emergency": 20 / 20}, 77 / 77),
+    "D": ({"suicide_self_harm": 9 / 20, "harm_to_others": 14 / 20, "abuse_safeguarding": 12 / 20,
+           "medical_emergency": 16 / 20}, 51 / 55),
     "set 3": ({"suicide_self_harm": 19 / 24, "harm_to_others": 5 / 6}, 24 / 26),
 }
 # A crisis check on a 100 kB message, CPU seconds (process time, so other jobs on the machine do
@@ -89,6 +93,7 @@ SET3 = [ex for ex in ALL_EXAMPLES if ex.get("split") == "heldout"]
 HELDOUT = load_examples(HELDOUT_FILE)
 HELDOUT_B = load_examples(HELDOUT_B_FILE)
 HELDOUT_C = load_examples(HELDOUT_C_FILE)
+HELDOUT_D = load_examples(HELDOUT_D_FILE)
 
 
 def evaluate(examples: list[dict]) -> dict:
@@ -137,18 +142,18 @@ def report(name: str, r: dict) -> str:
 
 
 @pytest.mark.parametrize(("path", "digest"), [(HELDOUT_FILE, HELDOUT_SHA256), (HELDOUT_B_FILE, HELDOUT_B_SHA256),
-                                              (HELDOUT_C_FILE, HELDOUT_C_SHA256)])
+                                              (HELDOUT_C_FILE, HELDOUT_C_SHA256), (HELDOUT_D_FILE, HELDOUT_D_SHA256)])
 def test_heldout_sets_are_frozen(path: Path, digest: str) -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} changed: it is frozen (see its .md)"
 
 
 def test_sets_are_large_and_labelled() -> None:
     assert sum(ex["escalate"] for ex in TUNING) >= 100 and sum(not ex["escalate"] for ex in TUNING) >= 100
-    for heldout in (HELDOUT, HELDOUT_B, HELDOUT_C):
+    for heldout in (HELDOUT, HELDOUT_B, HELDOUT_C, HELDOUT_D):
         assert len(heldout) >= 120
         for category in CATEGORIES:
             assert sum(ex["category"] == category for ex in heldout) >= 20
-    for ex in TUNING + KNOWN + SET3 + HELDOUT + HELDOUT_B + HELDOUT_C:
+    for ex in TUNING + KNOWN + SET3 + HELDOUT + HELDOUT_B + HELDOUT_C + HELDOUT_D:
         assert (ex["category"] in CATEGORIES) == ex["escalate"], ex
 
 
@@ -162,7 +167,7 @@ def test_tuning_examples() -> None:
 
 @pytest.mark.parametrize("name", list(HELDOUT_GUARDS))
 def test_heldout_figures_do_not_regress(name: str) -> None:
-    examples = {"A": HELDOUT, "B": HELDOUT_B, "C": HELDOUT_C, "set 3": SET3}[name]
+    examples = {"A": HELDOUT, "B": HELDOUT_B, "C": HELDOUT_C, "D": HELDOUT_D, "set 3": SET3}[name]
     r = evaluate(examples)
     print("\n" + report(f"held-out {name}", r))
     recall, precision = HELDOUT_GUARDS[name]
@@ -595,8 +600,10 @@ def main() -> None:
     print(report("documented limits (known misses and false alarms)", evaluate(KNOWN)))
     print(report("set 3 (written before the first rules; never tuned on)", evaluate(SET3)))
     print(report("held-out A, 2026-12-01 09:44 (its misses chose the second round's kinds)", evaluate(HELDOUT)))
-    print(report("held-out B, 2026-12-01 10:17 (never tuned on)", evaluate(HELDOUT_B)))
-    print(report("held-out C, 2026-12-01 10:20 (never tuned on)", evaluate(HELDOUT_C)))
+    print(report("held-out B, 2026-12-01 10:17 (chose the semantic screen's thresholds)", evaluate(HELDOUT_B)))
+    print(report("held-out C, 2026-12-01 10:20 (run once; its misses chose the third round's kinds)",
+                 evaluate(HELDOUT_C)))
+    print(report("held-out D, 2026-12-01 11:03 (never tuned on)", evaluate(HELDOUT_D)))
 
 
 if __name__ == "__main__":
