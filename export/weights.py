@@ -18,11 +18,11 @@ machine, 2 threads, the 48 matrices of the 90M decoder):
     encoder graph (M = S <= 160 rows): W_q int8 [K, N] = round(W / s), s [N] = max_i |W_ij| / 127,
         one scale per output column, read by DynamicQuantizeMatMul (20 ms, against 31 ms for
         MatMulNBits);
-    step graph (M = 1 row): blocks of B <= 512 inputs, W_q uint8 [N, K / B, B] = round(W^T / s) + 128,
+    step graph (M = 1 row): blocks of B <= 256 inputs, W_q uint8 [N, K / B, B] = round(W^T / s) + 128,
         s [N, K / B], read by MatMulNBits (bits 8, accuracy level 4: activations quantized per
         block; 1.5 ms, against 2.4 ms for DynamicQuantizeMatMul).
 
-The embedding is in the second format with K = d, one block per token's row when d <= 512
+The embedding is in the second format with K = d, one block per token's row when d <= 256
 (embed.weight [V, d/B, B], embed.weight.scale [V, d/B]): MatMulNBits reads it as the LM head
 (0.47 ms, against 1.27 ms), and both graphs' lookups dequantize gathered rows; no float copy of it
 is stored. LayerNorm parameters, biases and position embeddings stay float (2 MB of 93 MB).
@@ -158,9 +158,15 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
 
 
+# MatMulNBits' CPU kernels compute 8-bit blocks of 16..256 correctly on every onnxruntime from 1.23.0
+# to 1.32.0, and 512-blocks correctly only on 1.32.0 (1.23-1.26 return garbage, 1.27-1.31 refuse
+# them): measured with K=1024, N=256 (benchmarks/platforms.py --ops, docs/platforms.md).
+BLOCK_MAX = 256
+
+
 def block_size(k: int) -> int:
-    """The largest power of two <= 512 that divides K (MatMulNBits needs one, and >= 16)."""
-    size = 512
+    """The largest power of two <= BLOCK_MAX that divides K (MatMulNBits needs one, and >= 16)."""
+    size = BLOCK_MAX
     while size >= 16 and k % size:
         size //= 2
     if size < 16:
