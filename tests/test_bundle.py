@@ -235,22 +235,39 @@ def test_weights_altered_after_export_are_refused(copy):
     Runtime.load(copy, verify=False)  # verify=False skips it (and the hashes)
 
 
-def test_the_self_check_passes_and_costs_under_5_percent_of_a_load(bundle_int8):
+def test_the_self_check_costs_under_5_percent_of_a_load(monkeypatch):
+    """The shipped default bundle, best of 9 each. Printed: a load, the check's time inside it (it
+    makes the first runs of fresh sessions, whose one-off costs fall on the first reply when there
+    is no check), and the check's own cost, the same check on warm sessions: under 5% of a load."""
+    from star_runtime import runtime
+    from star_runtime.chat import default_bundle
     from star_runtime.selfcheck import run_selfcheck
 
-    Runtime.load(bundle_int8)  # warm the file cache and onnxruntime's first-session costs
-    loads, checks = [], []
-    for _ in range(5):
+    spent = []
+
+    def timed(*args, **kwargs):
         start = time.perf_counter()
-        rt = Runtime.load(bundle_int8)
+        try:
+            return run_selfcheck(*args, **kwargs)
+        finally:
+            spent.append(time.perf_counter() - start)
+
+    monkeypatch.setattr(runtime, "run_selfcheck", timed)
+    shipped = default_bundle()
+    rt = Runtime.load(shipped)  # the file cache and onnxruntime's first-session costs
+    loads, warm = [], []
+    for _ in range(9):
+        start = time.perf_counter()
+        rt = Runtime.load(shipped)
         loads.append(time.perf_counter() - start)
         start = time.perf_counter()
         run_selfcheck(rt.engine, rt.manifest)
-        checks.append(time.perf_counter() - start)
-    load, check = min(loads), min(checks)
-    print(f"int8 tiny bundle: load {load * 1e3:.1f} ms (self-check included), self-check {check * 1e3:.2f} ms "
-          f"= {check / load:.1%} of a load")
-    assert check < 0.05 * load
+        warm.append(time.perf_counter() - start)
+    load, fresh, own = min(loads), min(spent[1:]), min(warm)
+    print(f"default int8 bundle: load {load * 1e3:.1f} ms (hashes and self-check included); self-check "
+          f"{fresh * 1e3:.2f} ms inside it ({fresh / load:.1%}), {own * 1e3:.2f} ms on warm sessions "
+          f"= {own / load:.1%} of a load")
+    assert len(spent) == 10 and own < 0.05 * load
 
 
 def test_the_shipped_default_bundle_passes_its_self_check():

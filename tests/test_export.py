@@ -22,6 +22,7 @@ from star_export.cli import main as export_main
 from star_export.validate import ValidationError
 from star_runtime import Runtime
 from star_runtime.bundle import FORMAT_VERSION, MANIFEST_FILE, load_manifest
+from star_runtime.selfcheck import STEPS as SELFCHECK_STEPS
 from star_training.checkpoint import load_model
 from star_training.generate import generate as torch_generate
 
@@ -338,9 +339,9 @@ def test_the_golden_record_is_compact_and_reproduced(tmp_path_factory, tokenizer
     record = load_manifest(folder)["selfcheck"]
     size = len(json.dumps(record))
     print(f"{precision}: golden record {size} bytes, {len(record['steps'])} steps")
-    assert size < 6000 and len(record["steps"]) == 6
+    assert size < 4000 and len(record["steps"]) == SELFCHECK_STEPS
     rt = Runtime.load(folder)  # passes its own self-check
     sids = rt.manifest["strategies"]["token_ids"]
-    gen = rt.generate(record["context_ids"], max_new_tokens=6, stop_at_eos=False, repetition_penalty=1.0)
+    gen = rt.generate(record["context_ids"], max_new_tokens=SELFCHECK_STEPS, stop_at_eos=False, repetition_penalty=1.0)
     assert sids[gen.strategy] == sids[int(np.argmax(record["strategy_logits"]))]
     assert gen.tokens == [s["token"] for s in record["steps"]]
