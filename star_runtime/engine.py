@@ -147,12 +147,15 @@ class Engine:
             so = session_options(threads, profile_prefix)
             for name, value in initializers.items():
                 so.add_initializer(name, value)
+            path = contained(folder, manifest["graphs"][role])
             try:
-                path = contained(folder, manifest["graphs"][role])
                 sessions.append(ort.InferenceSession(str(path), so, providers=providers))
-            except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-                    ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as err:
-                raise BundleError(f"{folder}: onnxruntime cannot load {manifest['graphs'][role]}: {err}") from None
+            except Exception as err:  # onnxruntime's errors (Fail, InvalidGraph, RuntimeException, ...) share no base
+                if isinstance(err, MemoryError):
+                    raise
+                reason = " ".join(str(err).split())  # one line: onnxruntime's messages span several
+                raise BundleError(f"{folder}: onnxruntime {ort.__version__} cannot load {manifest['graphs'][role]}: "
+                                  f"{reason}") from None
         for role, session in zip(("encoder", "step"), sessions):
             if session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY) != manifest["fingerprint"]:
                 raise BundleError(f"{folder}: {manifest['graphs'][role]} does not carry the manifest's fingerprint: "
