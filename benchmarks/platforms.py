@@ -6,6 +6,7 @@
     python benchmarks/platforms.py --numpy 'numpy==1.26.4' --releases 1.23.0
     python benchmarks/platforms.py --arch aarch64      # linux/aarch64 under qemu (benchmarks/arm64.py)
     python benchmarks/platforms.py --ops               # MatMulNBits 8-bit block sizes, release by release
+    python benchmarks/platforms.py --esconv 200        # also greedy replies to 200 ESConv test contexts
 
 Each release gets a venv under ~/.cache/star-platforms/ (`python -m venv --without-pip`, then
 `pip --python VENV install onnxruntime==X numpy`), reused by later runs. In it a child process
@@ -17,6 +18,8 @@ onnxruntime) and, for the bundle (default: the shipped one):
               with verify=False, so a refused release shows by how much it is off)
     reply     the greedy reply to a fixed message, and whether its strategy and tokens equal the
               newest release's
+    ESConv    with --esconv N: greedy replies (strategy and tokens, up to 40) to the first N ESConv
+              test contexts (star-eval's encoder inputs), and how many equal the newest release's
 
 and prints one JSON line; the parent prints a markdown table (docs/platforms.md holds the result).
 """
@@ -44,6 +47,7 @@ import numpy as np, onnxruntime as ort
 from star_runtime import BundleError, Runtime
 from star_runtime.selfcheck import measure
 bundle, message = sys.argv[1], sys.argv[2]
+contexts = json.load(open(sys.argv[3])) if len(sys.argv) > 3 else []
 out = {"onnxruntime": ort.__version__, "numpy": np.__version__, "machine": platform.machine()}
 try:
     start = time.perf_counter()
@@ -60,6 +64,7 @@ try:
     out["reply_ms"] = (time.perf_counter() - start) * 1e3
     out.update(strategy=reply.strategy, tokens=list(reply.tokens), text=reply.text,
                strategy_probs=list(reply.strategy_probs.values()))
+    out["contexts"] = [[g.strategy, g.tokens] for g in (rt.generate(ids, max_new_tokens=40) for ids in contexts)]
 except Exception as err:  # a release that cannot even run the graphs
     out.setdefault("status", "error")
     out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -99,11 +104,13 @@ def venv_python(version: str, numpy: str = "numpy", cache: Path = CACHE) -> Path
     return python
 
 
-def run_child(command: list[str], env: dict[str, str], bundle: Path, timeout: float = 300) -> dict:
+def run_child(command: list[str], env: dict[str, str], bundle: Path, contexts: Path | None = None,
+              timeout: float = 600) -> dict:
     """Run CHILD with `command` (a python), returning its JSON line (or the failure as a record)."""
     with tempfile.TemporaryDirectory() as cwd:  # `-c` puts the cwd first on sys.path: an empty one
         start = time.perf_counter()
-        done = subprocess.run([*command, "-c", CHILD, str(bundle), MESSAGE], capture_output=True, text=True,
+        extra = [str(contexts)] if contexts else []
+        done = subprocess.run([*command, "-c", CHILD, str(bundle), MESSAGE, *extra], capture_output=True, text=True,
                               env=env, cwd=cwd, timeout=timeout)
     lines = [l for l in done.stdout.splitlines() if l.startswith("{")]
     if done.returncode != 0 or not lines:
@@ -114,32 +121,34 @@ def run_child(command: list[str], env: dict[str, str], bundle: Path, timeout: fl
     return record
 
 
-def run_release(version: str, bundle: Path, numpy: str = "numpy") -> dict:
+def run_release(version: str, bundle: Path, numpy: str = "numpy", contexts: Path | None = None) -> dict:
     """One release in its venv (module docstring)."""
     python = venv_python(version, numpy)
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
     env["PYTHONPATH"] = str(REPO)
-    record = run_child([str(python)], env, bundle)
+    record = run_child([str(python)], env, bundle, contexts)
     record.setdefault("onnxruntime", version)
     return record
 
 
 def table(records: list[dict], reference: dict) -> str:
     """Markdown: one row per record; "same" compares strategy and tokens with `reference`'s."""
-    lines = ["| onnxruntime | numpy | machine | load | max \\|Δlogit\\| | greedy reply | strategy, reply |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| onnxruntime | numpy | machine | load | max \\|Δlogit\\| | greedy reply | ESConv replies | strategy, reply |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         if "tokens" not in r:  # nothing ran: show why
             load = f"{r['status']}: {_short_reason(r.get('message') or r.get('error', ''))}"
             lines.append(f"| {r.get('onnxruntime', '?')} | {r.get('numpy', '')} | {r.get('machine', '')} | "
-                         f"{load} | | | |")
+                         f"{load} | | | | |")
             continue
         load = "pass" if r["status"] == "pass" else "refused: " + _short_reason(r["message"])
         same = (r.get("strategy"), r.get("tokens")) == (reference.get("strategy"), reference.get("tokens"))
         diff = "" if r.get("max_diff") is None else f"{r['max_diff']:.1e}"
         text = (r.get("text") or "")[:60].replace("|", "/")
+        ours, theirs = r.get("contexts") or [], reference.get("contexts") or []
+        esconv = f"{sum(a == b for a, b in zip(ours, theirs))}/{len(theirs)} same" if theirs else ""
         lines.append(f"| {r['onnxruntime']} | {r['numpy']} | {r['machine']} | {load} | "
-                     f"{diff} | {'same as newest' if same else 'DIFFERS'} | {r.get('strategy')}: \"{text}\" |")
+                     f"{diff} | {'same as newest' if same else 'DIFFERS'} | {esconv} | {r.get('strategy')}: \"{text}\" |")
     return "\n".join(lines)
 
 
@@ -233,6 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--arch", choices=("x86_64", "aarch64"), default="x86_64",
                    help="aarch64: the newest release under qemu, compared with this machine's (benchmarks/arm64.py)")
     p.add_argument("--ops", action="store_true", help="print MatMulNBits' block-size table instead")
+    p.add_argument("--esconv", type=int, default=0, metavar="N", help="also decode the first N ESConv test contexts")
+    p.add_argument("--data", type=Path, default=REPO.parent / "shared" / "data" / "esconv", help="ESConv folder")
     args = p.parse_args(argv)
 
     if args.releases:
@@ -243,16 +254,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.ops:
         print(ops_table(versions, args.numpy))
         return 0
+    contexts = None
+    if args.esconv:
+        from star_runtime.tokenizer import Tokenizer
+        from star_training.data import build_examples, load_conversations
+
+        examples = build_examples(load_conversations(args.data, "test"), Tokenizer.from_dir(args.bundle))
+        contexts = Path(tempfile.mkdtemp()) / "contexts.json"
+        contexts.write_text(json.dumps([list(e.input_ids) for e in examples[: args.esconv]]))
     records = []
     for version in versions:
-        records.append(run_release(version, args.bundle, args.numpy))
+        records.append(run_release(version, args.bundle, args.numpy, contexts))
         r = records[-1]
         print(f"{version}: {r['status']} Δ={r.get('max_diff')} {r.get('strategy')} {r.get('text', r.get('error'))!r}",
               file=sys.stderr)
     if args.arch == "aarch64":
         from arm64 import run_emulated  # benchmarks/arm64.py, beside this file
 
-        records.append(run_emulated(args.bundle, CHILD, [str(args.bundle), MESSAGE]))
+        records.append(run_emulated(args.bundle, CHILD, [str(args.bundle), MESSAGE, *([str(contexts)] if contexts else [])]))
     replied = [r for r in records if r.get("machine", "x86_64") == "x86_64" and "tokens" in r]
     reference = max(replied, key=lambda r: version_key(r["onnxruntime"])) if replied else {}
     print(table(records, reference))

@@ -235,6 +235,17 @@ def test_weights_altered_after_export_are_refused(copy):
     Runtime.load(copy, verify=False)  # verify=False skips it (and the hashes)
 
 
+def test_star_chat_reports_a_failed_self_check_in_one_line(copy):
+    _alter_a_weight(copy, "dec.1.ln3.gamma", 1.05)
+    env = {k: v for k, v in os.environ.items() if k != "STAR_BUNDLE"}
+    done = subprocess.run([sys.executable, "-m", "star_runtime.chat", "--model", str(copy)], input=b"hi\n",
+                          capture_output=True, timeout=120, env=env)
+    err = done.stderr.decode()
+    assert done.returncode == 1 and done.stdout == b"", (done.returncode, err)
+    assert err.startswith("star-chat: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert "self-check failed" in err and ort.__version__ in err and platform.machine() in err, err
+
+
 def test_the_self_check_costs_under_5_percent_of_a_load(monkeypatch):
     """The shipped default bundle, best of 9 each. Printed: a load, the check's time inside it (it
     makes the first runs of fresh sessions, whose one-off costs fall on the first reply when there

@@ -322,15 +322,46 @@ def test_validation_cannot_pass_on_nan(ckpt, tmp_path, monkeypatch):
 # -- the int8 layout and the golden record ----------------------------------------------------------
 
 def test_int8_blocks_are_ones_every_onnxruntime_computes(bundle_int8):
-    """MatMulNBits with blocks of at most 256 (512 gave garbage or a refusal before 1.32)."""
-    sizes = set()
-    for graph in ("encoder.onnx", "decoder_step.onnx"):
-        for node in onnx.load(str(bundle_int8 / graph), load_external_data=False).graph.node:
-            if node.op_type == "MatMulNBits":
-                attrs = {a.name: a.i for a in node.attribute}
-                assert attrs["bits"] == 8
-                sizes.add(attrs["block_size"])
-    assert sizes and max(sizes) <= 256, sizes
+    """MatMulNBits with blocks of at most 256 (512 gave garbage or a refusal before 1.32), in the
+    tiny bundle and in the shipped default (d_model 256, FFN 1024)."""
+    from star_export.weights import block_size
+    from star_runtime.chat import default_bundle
+
+    assert [block_size(k) for k in (64, 256, 1024, 2048)] == [64, 256, 256, 256]
+    for folder in (bundle_int8, default_bundle()):
+        sizes = set()
+        for graph in ("encoder.onnx", "decoder_step.onnx"):
+            for node in onnx.load(str(folder / graph), load_external_data=False).graph.node:
+                if node.op_type == "MatMulNBits":
+                    attrs = {a.name: a.i for a in node.attribute}
+                    assert attrs["bits"] == 8
+                    sizes.add(attrs["block_size"])
+        assert sizes and max(sizes) <= 256, (folder, sizes)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_bundle_dequantizes_to_the_weights_its_graphs_compute_with(model, tmp_path_factory, tokenizer_dir,
+                                                                     tmp_path, precision):
+    """star_export.dequantize: float32 gives the checkpoint back bit for bit; int8 gives W_q s
+    exactly, and exporting that checkpoint again stores the same int8 arrays."""
+    from star_export.dequantize import to_checkpoint
+    from star_export.weights import collect, quantize_blocks, quantize_int8, runs_on_the_encoder, stored_arrays
+
+    folder = tiny_bundle(tmp_path_factory, tokenizer_dir, precision)
+    rebuilt = to_checkpoint(folder, tmp_path / "ckpt")
+    assert load_model(tmp_path / "ckpt") is not None
+    original, back = model.state_dict(), rebuilt.state_dict()
+    if precision == "float32":
+        assert all(torch.equal(original[k], back[k]) for k in original)
+        return
+    mats, _ = collect(model)
+    mats_back, _ = collect(rebuilt)
+    for name, (w, _) in mats.items():
+        q, s = (quantize_int8 if runs_on_the_encoder(name) else quantize_blocks)(w)
+        exact = q * s if q.dtype == np.int8 else ((q.astype(np.float32) - 128) * s[..., None]).reshape(w.shape[1], -1).T
+        np.testing.assert_array_equal(mats_back[name][0], exact)
+    again, first = stored_arrays(rebuilt, "int8"), stored_arrays(model, "int8")
+    assert all(np.array_equal(again[k], first[k]) for k in first)
 
 
 @pytest.mark.parametrize("precision", ["float32", "int8"])
