@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 
-from star_export.weights import EMBED, EMBED_SCALE, EMBED_T, ExportError, layout
+from star_export.weights import EMBED, EMBED_T, ExportError, layout
 from star_runtime.tokenizer import Tokenizer
 from star_training.config import PRESETS, StarConfig, base_config
 from star_training.model import StarForConditionalGeneration

@@ -43,8 +43,9 @@ WEIGHTS_HEADER = ALIGNMENT  # the header's bytes; the first tensor starts after 
 FINGERPRINT_KEY = "star_fingerprint"  # the graphs' metadata_props entry
 _CHUNK = 1 << 22
 
-__all__ = ["ALIGNMENT", "BundleError", "FORMAT_VERSION", "MANIFEST_FILE", "PRECISIONS", "load_manifest",
-           "read_file", "read_shared_tensors", "weights_header", "weights_fingerprint", "sha256_file"]
+__all__ = ["ALIGNMENT", "BundleError", "ENCODER_FILE", "FINGERPRINT_KEY", "FORMAT_VERSION", "MANIFEST_FILE",
+           "PRECISIONS", "STEP_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "WEIGHTS_HEADER", "contained", "file_entry",
+           "load_manifest", "read_file", "read_shared_tensors", "sha256_file", "weights_fingerprint", "weights_header"]
 
 
 def sha256_file(path: Path) -> str:

@@ -182,8 +182,9 @@ def validate(manifest: dict[str, Any], source: str, folder: str) -> dict[str, An
     f = _Fields(source)
     f.string(manifest, "producer", "producer")
     precision = f.string(manifest, "precision", "precision", tuple(PRECISIONS))
-    for i, device in enumerate(f.items(manifest, "devices", "devices", n_max=2)):
-        f.string(manifest["devices"], i, f"devices[{i}]", PRECISIONS[precision])
+    devices = f.items(manifest, "devices", "devices", n_max=2)
+    for i in range(len(devices)):
+        f.string(devices, i, f"devices[{i}]", PRECISIONS[precision])
     fingerprint = f.string(manifest, "fingerprint", "fingerprint")
     if not _HEX64.fullmatch(fingerprint):
         f.fail("fingerprint", "expected 64 lowercase hex digits")
@@ -206,13 +207,12 @@ def validate(manifest: dict[str, Any], source: str, folder: str) -> dict[str, An
     io = f.object(manifest, "io", "io")
     f.string(io, "float_dtype", "io.float_dtype", ("float32", "float16"))
     d = f.integer(io, "d_model", "io.d_model", 1)
-    layers = f.integer(io, "decoder_layers", "io.decoder_layers", 1, MAX_LAYERS)
+    f.integer(io, "decoder_layers", "io.decoder_layers", 1, MAX_LAYERS)
     heads = f.integer(io, "decoder_heads", "io.decoder_heads", 1)
     if f.integer(io, "head_dim", "io.head_dim", 1) * heads != d:
         f.fail("io.head_dim", f"head_dim x decoder_heads must be d_model ({d})")
     vocab = f.integer(io, "vocab_size", "io.vocab_size", N_STRATEGIES + 4)
     positions = f.integer(io, "max_positions", "io.max_positions", 3)
-    del layers
 
     _shared_tensors(f, manifest, files[graphs["weights"]]["size"])
     _model_config(f, manifest)
