@@ -223,7 +223,9 @@ def replaceable(out: Path) -> str | None:
 def check_destination(out: Path) -> None:
     """Refuse to replace anything but an empty folder or a bundle star-export wrote (`replaceable`);
     fail early if the place is unwritable."""
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; --out names the bundle folder to create: give the real path")
+    if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is a file; --out names the bundle folder to create")
     if out.exists():
         why = replaceable(out)
