@@ -5,8 +5,15 @@
     export_bundle("ckpt/", "model-fp16", precision="float16")  # CUDA
 
 The bundle is written into a temporary folder beside `out` and renamed into place only after
-the self-check (star_export.validate) passed, so `out` is either the old bundle or the new
-complete one, never half of one. An existing `out` is replaced only if it is a bundle or empty.
+the check against PyTorch (star_export.validate) passed, so `out` is either the old bundle or the
+new complete one, never half of one. The manifest then records the golden outputs of the bundle
+as this onnxruntime computes them (star_runtime.selfcheck), which every load compares with.
+
+An existing `out` is replaced only when nothing of anyone else's can be lost: an empty folder, or
+a bundle star-export wrote, i.e. a folder whose manifest says producer "star-export" and which
+holds nothing but the manifest and the files it lists, each of its recorded size
+(`replaceable`). Anything else (a web app with its own manifest.json, a bundle with a user's notes
+added) is refused with a line that says what to do.
 """
 
 from __future__ import annotations
@@ -18,13 +25,18 @@ from pathlib import Path
 from typing import Any
 
 import onnx
+import torch
 
 from star_export.graph_builder import GraphBuilder, WeightsFile
 from star_export.graphs import encoder_graph, step_graph
 from star_export.validate import validate_bundle
 from star_export.weights import EMBED, EMBED_SCALE, EMBED_T, Dims, ExportError, stored_arrays
+from star_runtime.atomic import write_text_atomically
 from star_runtime.bundle import (ENCODER_FILE, FORMAT_VERSION, MANIFEST_FILE, PRECISIONS, STEP_FILE, WEIGHTS_FILE,
-                                 file_entry)
+                                 file_entry, load_manifest)
+from star_runtime.engine import Engine
+from star_runtime.manifest import MAX_MANIFEST_BYTES, BundleError, parse
+from star_runtime.selfcheck import TOLERANCE, decisive_steps, golden
 from star_runtime.strategies import STRATEGIES, STRATEGY_NAMES
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 from star_training.checkpoint import CheckpointError, load_model
@@ -58,7 +70,18 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[StarForConditionalGeneratio
     if list(model.star_config.strategy_token_ids) != list(tokenizer.strategy_ids):
         raise ExportError(f"{path}: the model's strategy ids {model.star_config.strategy_token_ids} are not the "
                           f"tokenizer's {tokenizer.strategy_ids}")
+    check_finite(model, path)
     return model.eval(), tokenizer
+
+
+def check_finite(model: StarForConditionalGeneration, path: Path) -> None:
+    """ExportError naming the first weight that holds NaN or an infinity (a diverged run)."""
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise ExportError(f"{path}: the checkpoint's weight {name} holds {bad} NaN or infinite values "
+                                  "(a diverged training run?); export an earlier checkpoint")
 
 
 def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: str) -> dict[str, Any]:
@@ -75,10 +98,12 @@ def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: s
         build(builder, dims, precision)
         onnx.save(builder.model(WEIGHTS_FILE), str(folder / file))
         onnx.checker.check_model(str(folder / file))  # by path: it reads weights.bin beside the graph
+    fingerprint = weights.fingerprint
     # How the runtime hands the embedding to both graphs (graphs.py, _Ops.embed): float bundles take
     # E^T as a graph input; int8 ones as initializers given once with SessionOptions.add_initializer.
     shared = {EMBED: "initializer", EMBED_SCALE: "initializer"} if precision == "int8" else {EMBED_T: "input"}
     return {
+        "fingerprint": fingerprint,
         "shared_tensors": {name: {**weights.tensors[name].as_dict(), "binding": binding}
                            for name, binding in shared.items()},
         "io": {
@@ -95,6 +120,8 @@ def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: s
 
 def build_manifest(folder: Path, model: StarForConditionalGeneration, tokenizer: Tokenizer, precision: str,
                    graphs: dict[str, Any], validation: dict[str, Any] | None) -> dict[str, Any]:
+    """The manifest (star_runtime.manifest's schema) of the files in `folder`, the self-check's
+    golden record still empty (`record_selfcheck` fills it)."""
     cfg = model.config
     files = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
     return {
@@ -125,21 +152,86 @@ def build_manifest(folder: Path, model: StarForConditionalGeneration, tokenizer:
                         "unk": tokenizer.unk_id},
         "generation": dict(GENERATION_DEFAULTS),
         "validation": validation,
+        "selfcheck": None,
         "files": {name: file_entry(folder / name) for name in files},
     }
 
 
+# Fixed contexts for the golden self-check, tried in order: the first whose greedy choices are
+# decisive at every step is kept (a random-weights model can have near-tied logits).
+SELFCHECK_TEXTS = (
+    "i have been feeling so lonely since i moved to a new city for my job .",
+    "my exams are next week and i can not sleep , i am scared i will fail .",
+    "my best friend stopped talking to me and i do not know why .",
+)
+
+
+def record_selfcheck(folder: Path, manifest: dict[str, Any], tokenizer: Tokenizer, device: str = "cpu") -> None:
+    """Fill manifest["selfcheck"] with the bundle's outputs for a fixed context, as this process's
+    onnxruntime computes them (star_runtime.selfcheck)."""
+    engine = Engine.open(folder, manifest, device=device, check_precision=False)
+    eos = manifest["special_ids"]["eos"]
+    tolerance = TOLERANCE[manifest["precision"]]
+    best = None
+    for text in SELFCHECK_TEXTS:
+        record = golden(engine, [*tokenizer.encode(text), eos])
+        score = decisive_steps(record, tolerance)
+        if best is None or score > best[0]:
+            best = (score, record)
+        if score == len(record["steps"]) + 1:
+            break
+    manifest["selfcheck"] = best[1]
+
+
 def _write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_text_atomically(folder / MANIFEST_FILE, json.dumps(manifest, indent=1) + "\n")
+
+
+def replaceable(out: Path) -> str | None:
+    """None when `out` may be replaced by a new bundle (module docstring), else why not."""
+    entries = {p.name for p in out.iterdir()}
+    if not entries:
+        return None
+    manifest_path = out / MANIFEST_FILE
+    if MANIFEST_FILE not in entries or manifest_path.is_symlink() or not manifest_path.is_file():
+        return f"it is not empty and holds no {MANIFEST_FILE}"
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        return f"its {MANIFEST_FILE} is not a bundle manifest"
+    try:
+        manifest = parse(manifest_path.read_bytes(), str(manifest_path))
+    except (BundleError, OSError):
+        return f"its {MANIFEST_FILE} is not a bundle manifest"
+    files = manifest.get("files")
+    if manifest.get("producer") != "star-export" or not isinstance(files, dict):
+        return f"its {MANIFEST_FILE} was not written by star-export"
+    if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] == FORMAT_VERSION:
+        try:  # the current format: the whole schema and every size must hold
+            load_manifest(out, verify=False)
+        except BundleError as err:
+            return f"it is not a valid bundle ({err})"
+    unlisted = sorted(entries - set(files) - {MANIFEST_FILE})
+    if unlisted:
+        return f"it holds files the bundle's manifest does not list ({', '.join(unlisted[:3])})"
+    for name, entry in files.items():
+        path = out / name
+        if not isinstance(entry, dict) or path.is_symlink() or not path.is_file() \
+                or path.stat().st_size != entry.get("size"):
+            return f"its {name} is not the file its manifest describes"
+    return None
 
 
 def check_destination(out: Path) -> None:
-    """Refuse to replace anything but a bundle or an empty folder; fail early if unwritable."""
+    """Refuse to replace anything but an empty folder or a bundle star-export wrote (`replaceable`);
+    fail early if the place is unwritable."""
+    if out.is_symlink():
+        raise ExportError(f"{out} is a symbolic link; --out names the bundle folder to create: give the real path")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is a file; --out names the bundle folder to create")
     if out.exists():
-        if not out.is_dir():
-            raise ExportError(f"{out} exists and is a file; --out names the bundle folder to create")
-        if any(out.iterdir()) and not (out / MANIFEST_FILE).is_file():
-            raise ExportError(f"refusing to replace {out}: it exists and is not a bundle (no {MANIFEST_FILE})")
+        why = replaceable(out)
+        if why is not None:
+            raise ExportError(f"refusing to replace {out}: {why}; star-export replaces only an empty folder or a "
+                              "bundle it wrote: choose another --out, or move that folder away first")
     probe = out.resolve().parent
     while not probe.exists():
         probe = probe.parent
@@ -167,10 +259,13 @@ def export_bundle(checkpoint: str | Path, out: str | Path, *, precision: str = "
         graphs = write_graphs(tmp, model, precision)
         tokenizer.save(tmp)
         manifest = build_manifest(tmp, model, tokenizer, precision, graphs, None)
-        _write_manifest(tmp, manifest)
+        device = "cpu"
         if validate:
-            manifest["validation"] = validate_bundle(tmp, model, log=log)
-            _write_manifest(tmp, manifest)
+            manifest["validation"] = validate_bundle(tmp, model, manifest, log=log)
+            device = manifest["validation"]["device"]
+        record_selfcheck(tmp, manifest, tokenizer, device)
+        _write_manifest(tmp, manifest)
+        load_manifest(tmp)  # what the runtime will check: the schema holds for what was written
         result.update(manifest)
 
     try:

@@ -13,6 +13,7 @@ transformer optimizer fused no Attention on them (SPEC section 4).
 
 from __future__ import annotations
 
+import hashlib
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from star_runtime.bundle import ALIGNMENT
+from star_runtime.bundle import ALIGNMENT, FINGERPRINT_KEY, WEIGHTS_HEADER, weights_header
 
 OPSET = 17  # LayerNormalization is an ONNX op from 17 on
 MS_DOMAIN = "com.microsoft"
@@ -47,12 +48,20 @@ class StoredTensor:
 
 
 class WeightsFile:
-    """Writes named arrays one after another, each at a multiple of ALIGNMENT bytes."""
+    """Writes named arrays one after another, each at a multiple of ALIGNMENT bytes, after a header.
+
+    fingerprint (set by `close`) = sha256 over every tensor's name, dtype, shape, offset and bytes:
+    the same value goes into the header (star_runtime.bundle.weights_header), both graphs'
+    metadata and the manifest, so graphs and weights of different exports are never paired.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
         self.tensors: dict[str, StoredTensor] = {}
+        self.fingerprint = ""
+        self._digest = hashlib.sha256()
         self._file = open(self.path, "wb")
+        self._file.write(bytes(WEIGHTS_HEADER))  # filled in by close()
 
     def add(self, name: str, array: np.ndarray) -> None:
         if name in self.tensors:
@@ -64,9 +73,15 @@ class WeightsFile:
         self._file.seek(offset)
         self._file.write(array.tobytes())
         self.tensors[name] = StoredTensor(array.dtype, tuple(array.shape), offset, array.nbytes)
+        self._digest.update(f"{name}|{array.dtype.name}|{list(array.shape)}|{offset}\n".encode())
+        self._digest.update(array.tobytes())
 
     def close(self) -> None:
-        self._file.close()
+        if not self._file.closed:
+            self.fingerprint = self._digest.hexdigest()
+            self._file.seek(0)
+            self._file.write(weights_header(self.fingerprint))
+            self._file.close()
 
 
 @dataclass
@@ -151,4 +166,5 @@ class GraphBuilder:
             producer_name="star-export",
         )
         model.ir_version = 8  # onnxruntime >= 1.14 reads IR 8; keeps older edge installs working
+        helper.set_model_props(model, {FINGERPRINT_KEY: self.weights.fingerprint})
         return model

@@ -9,7 +9,9 @@ compared: the strategy logits at position 0 (from h), the response logits after 
     int8     relative RMS error of the logits <= INT8_MAX_REL_RMS and the strategy argmax agreement
              is reported (random-init models have near-tied strategy logits, so it is not a gate)
 
-A disagreement beyond tolerance raises ValidationError, and the exporter keeps nothing.
+A disagreement beyond tolerance raises ValidationError, and the exporter keeps nothing. The
+statistics cannot pass on NaN: a non-finite logit on either side makes every error infinite
+(Python's max(0.0, nan) is 0.0, which let an all-NaN checkpoint pass with "0.00e+00").
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ import numpy as np
 import torch
 
 from star_export.weights import ExportError
-from star_runtime.bundle import load_manifest
 from star_runtime.engine import Engine
 from star_training.model import StarForConditionalGeneration
 
@@ -44,13 +45,16 @@ def _contexts(vocab_size: int, first_regular: int, n_special_tail: int, seed: in
 
 
 @torch.inference_mode()
-def compare(folder, model: StarForConditionalGeneration, *, steps: int = 6, device: str = "cpu") -> dict[str, Any]:
-    """Lock-step decoding of bundle and model; returns the error statistics (see module doc)."""
-    manifest = load_manifest(folder)
+def compare(folder, model: StarForConditionalGeneration, manifest: dict[str, Any], *, steps: int = 6,
+            device: str = "cpu") -> dict[str, Any]:
+    """Lock-step decoding of bundle and model; returns the error statistics (see module doc).
+
+    manifest: the bundle's, as the exporter built it (the golden self-check is not in it yet).
+    """
     engine = Engine.open(folder, manifest, device=device, check_precision=False)
     special = manifest["special_ids"]
     sids = manifest["strategies"]["token_ids"]
-    max_abs, sq_err, sq_ref, agree, scale = 0.0, 0.0, 0.0, 0, 0.0
+    max_abs, sq_err, sq_ref, agree, scale, finite = 0.0, 0.0, 0.0, 0, 0.0, True
     contexts = _contexts(model.config.vocab_size, max(special.values()) + 1, len(sids))
     for ids in contexts:
         ids_t = torch.from_numpy(ids)
@@ -75,24 +79,27 @@ def compare(folder, model: StarForConditionalGeneration, *, steps: int = 6, devi
                 got = logits_b
                 token = torch.tensor([[int(ref.argmax())]])
             diff = got.astype(np.float64) - ref
+            finite = finite and bool(np.isfinite(diff).all() and np.isfinite(ref).all())
             max_abs = max(max_abs, float(np.abs(diff).max()))
             scale = max(scale, float(np.abs(ref).max()))
             sq_err += float((diff**2).sum())
             sq_ref += float(((ref - ref.mean()) ** 2).sum())
+    rel_rms = (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0
+    if not finite:
+        max_abs = rel_rms = float("inf")
     return {
         "contexts": len(contexts),
         "positions": len(contexts) * (steps + 1),
         "max_abs_logit_diff": max_abs,
         "max_abs_logit": scale,
-        "rel_rms_logit_diff": (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0,
+        "rel_rms_logit_diff": rel_rms,
         "strategy_agreement": agree / len(contexts),
     }
 
 
-def validate_bundle(folder, model: StarForConditionalGeneration, *, log: Callable[[str], None] = print,
-                    device: str | None = None) -> dict[str, Any]:
+def validate_bundle(folder, model: StarForConditionalGeneration, manifest: dict[str, Any], *,
+                    log: Callable[[str], None] = print, device: str | None = None) -> dict[str, Any]:
     """Run `compare` and raise ValidationError beyond tolerance; returns the statistics."""
-    manifest = load_manifest(folder, verify=False)
     precision = manifest["precision"]
     if device is None:
         import onnxruntime as ort
@@ -102,7 +109,7 @@ def validate_bundle(folder, model: StarForConditionalGeneration, *, log: Callabl
         if precision == "float16" and not cuda:
             log("note: no CUDA here: the float16 bundle is checked on the CPU (onnxruntime computes its float16 "
                 "ops in float32), which checks the graphs and weights but not CUDA's kernels")
-    stats = compare(folder, model, device=device)
+    stats = compare(folder, model, manifest, device=device)
     stats["device"] = device
     if precision == "int8":
         ok = stats["rel_rms_logit_diff"] <= INT8_MAX_REL_RMS

@@ -18,11 +18,11 @@ machine, 2 threads, the 48 matrices of the 90M decoder):
     encoder graph (M = S <= 160 rows): W_q int8 [K, N] = round(W / s), s [N] = max_i |W_ij| / 127,
         one scale per output column, read by DynamicQuantizeMatMul (20 ms, against 31 ms for
         MatMulNBits);
-    step graph (M = 1 row): blocks of B <= 512 inputs, W_q uint8 [N, K / B, B] = round(W^T / s) + 128,
+    step graph (M = 1 row): blocks of B <= 256 inputs, W_q uint8 [N, K / B, B] = round(W^T / s) + 128,
         s [N, K / B], read by MatMulNBits (bits 8, accuracy level 4: activations quantized per
         block; 1.5 ms, against 2.4 ms for DynamicQuantizeMatMul).
 
-The embedding is in the second format with K = d, one block per token's row when d <= 512
+The embedding is in the second format with K = d, one block per token's row when d <= 256
 (embed.weight [V, d/B, B], embed.weight.scale [V, d/B]): MatMulNBits reads it as the LM head
 (0.47 ms, against 1.27 ms), and both graphs' lookups dequantize gathered rows; no float copy of it
 is stored. LayerNorm parameters, biases and position embeddings stay float (2 MB of 93 MB).
@@ -94,61 +94,71 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to(torch.float32).cpu().numpy()
 
 
-def _linears(*layers: torch.nn.Linear) -> tuple[np.ndarray, np.ndarray]:
-    """W [in, sum(out)] and b [sum(out)] of Linear layers that read the same input."""
-    return (np.concatenate([_np(l.weight).T for l in layers], axis=1),
-            np.concatenate([_np(l.bias) for l in layers]))
-
-
 Matrices = dict[str, tuple[np.ndarray, np.ndarray]]  # name -> (W [in, out], bias [out])
 
 
-def collect(model: StarForConditionalGeneration) -> tuple[Matrices, dict[str, np.ndarray]]:
-    """(matrices, others) in float32: name -> (W [in, out], bias), and name -> array.
+def layout(model: StarForConditionalGeneration) -> tuple[dict[str, list[torch.nn.Linear]], dict[str, torch.Tensor]]:
+    """Where every stored array comes from: (matrices, others).
 
-    A matrix's bias is stored apart under `name + ".bias"`: most are added by the op after the
-    MatMul (MultiHeadAttention, BiasGelu, SkipLayerNormalization), at no extra cost.
+    matrices: name -> the Linear layers that read the same input, concatenated along their outputs
+    into one W [in, sum(out)] (module docstring); others: name -> a view of the parameter or buffer
+    stored as it is (E^T, final_logits_bias[0], score_vec [d, 1], LayerNorms, positions). `collect`
+    reads through this table and star_export.dequantize writes back through it, so the two never
+    disagree about a name.
     """
     m = model.base.model
     enc, dec = m.encoder, m.decoder
-    mats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    other: dict[str, np.ndarray] = {
-        EMBED_T: _np(m.shared.weight).T,
-        LM_BIAS: _np(model.base.final_logits_bias[0]),
-        "enc.pos": _np(enc.embed_positions.weight),
-        "dec.pos": _np(dec.embed_positions.weight),
+    mats: dict[str, list[torch.nn.Linear]] = {}
+    other: dict[str, torch.Tensor] = {
+        EMBED_T: m.shared.weight.T,
+        LM_BIAS: model.base.final_logits_bias[0],
+        "enc.pos": enc.embed_positions.weight,
+        "dec.pos": dec.embed_positions.weight,
     }
 
     def norm(name: str, ln: torch.nn.LayerNorm) -> None:
-        other[name + ".gamma"], other[name + ".beta"] = _np(ln.weight), _np(ln.bias)
+        other[name + ".gamma"], other[name + ".beta"] = ln.weight, ln.bias
 
     norm("enc.ln_emb", enc.layernorm_embedding)
     norm("dec.ln_emb", dec.layernorm_embedding)
     for i, layer in enumerate(enc.layers):
         a = layer.self_attn
-        mats[f"enc.{i}.qkv"] = _linears(a.q_proj, a.k_proj, a.v_proj)
-        mats[f"enc.{i}.out"] = _linears(a.out_proj)
-        mats[f"enc.{i}.fc1"], mats[f"enc.{i}.fc2"] = _linears(layer.fc1), _linears(layer.fc2)
+        mats[f"enc.{i}.qkv"] = [a.q_proj, a.k_proj, a.v_proj]
+        mats[f"enc.{i}.out"] = [a.out_proj]
+        mats[f"enc.{i}.fc1"], mats[f"enc.{i}.fc2"] = [layer.fc1], [layer.fc2]
         norm(f"enc.{i}.ln1", layer.self_attn_layer_norm)
         norm(f"enc.{i}.ln2", layer.final_layer_norm)
     for i, layer in enumerate(dec.layers):
         a, x = layer.self_attn, layer.encoder_attn
-        mats[f"dec.{i}.self_qkv"] = _linears(a.q_proj, a.k_proj, a.v_proj)
-        mats[f"dec.{i}.self_out"] = _linears(a.out_proj)
-        mats[f"dec.{i}.cross_q"] = _linears(x.q_proj)
-        mats[f"dec.{i}.cross_out"] = _linears(x.out_proj)
-        mats[f"dec.{i}.fc1"], mats[f"dec.{i}.fc2"] = _linears(layer.fc1), _linears(layer.fc2)
+        mats[f"dec.{i}.self_qkv"] = [a.q_proj, a.k_proj, a.v_proj]
+        mats[f"dec.{i}.self_out"] = [a.out_proj]
+        mats[f"dec.{i}.cross_q"] = [x.q_proj]
+        mats[f"dec.{i}.cross_out"] = [x.out_proj]
+        mats[f"dec.{i}.fc1"], mats[f"dec.{i}.fc2"] = [layer.fc1], [layer.fc2]
         norm(f"dec.{i}.ln1", layer.self_attn_layer_norm)
         norm(f"dec.{i}.ln2", layer.encoder_attn_layer_norm)
         norm(f"dec.{i}.ln3", layer.final_layer_norm)
-    mats["dec.cross_kv"] = _linears(*(p for l in dec.layers for p in (l.encoder_attn.k_proj, l.encoder_attn.v_proj)))
+    mats["dec.cross_kv"] = [p for l in dec.layers for p in (l.encoder_attn.k_proj, l.encoder_attn.v_proj)]
     if model.star_config.use_star:
         s = model.star
-        mats["star.score"] = _linears(s.score_proj)
-        other["star.score_vec"] = _np(s.score_vec)[:, None]  # q [d, 1]
-        mats["star.fc1"] = _linears(s.gate_fc1, s.refine_fc1)
-        mats["star.gate_fc2"], mats["star.refine_fc2"] = _linears(s.gate_fc2), _linears(s.refine_fc2)
+        mats["star.score"] = [s.score_proj]
+        other["star.score_vec"] = s.score_vec[:, None]  # q [d, 1]
+        mats["star.fc1"] = [s.gate_fc1, s.refine_fc1]
+        mats["star.gate_fc2"], mats["star.refine_fc2"] = [s.gate_fc2], [s.refine_fc2]
     return mats, other
+
+
+def collect(model: StarForConditionalGeneration) -> tuple[Matrices, dict[str, np.ndarray]]:
+    """(matrices, others) in float32: name -> (W [in, out], bias), and name -> array (`layout`).
+
+    A matrix's bias is stored apart under `name + ".bias"`: most are added by the op after the
+    MatMul (MultiHeadAttention, BiasGelu, SkipLayerNormalization), at no extra cost.
+    """
+    layers, views = layout(model)
+    mats = {name: (np.concatenate([_np(l.weight).T for l in group], axis=1),
+                   np.concatenate([_np(l.bias) for l in group]))
+            for name, group in layers.items()}
+    return mats, {name: _np(view) for name, view in views.items()}
 
 
 def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,9 +168,15 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(np.rint(w / scale), -127, 127).astype(np.int8), scale
 
 
+# MatMulNBits' CPU kernels compute 8-bit blocks of 16..256 correctly on every onnxruntime from 1.23.0
+# to 1.32.0, and 512-blocks correctly only on 1.32.0 (1.23-1.26 return garbage, 1.27-1.31 refuse
+# them): measured with K=1024, N=256 (benchmarks/platforms.py --ops, docs/platforms.md).
+BLOCK_MAX = 256
+
+
 def block_size(k: int) -> int:
-    """The largest power of two <= 512 that divides K (MatMulNBits needs one, and >= 16)."""
-    size = 512
+    """The largest power of two <= BLOCK_MAX that divides K (MatMulNBits needs one, and >= 16)."""
+    size = BLOCK_MAX
     while size >= 16 and k % size:
         size //= 2
     if size < 16:

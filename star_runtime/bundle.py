@@ -1,41 +1,51 @@
-"""A bundle on disk: the manifest, its checks, and the shared weights it names.
+"""A bundle on disk: its files, read only inside the folder and only as the manifest hashes them.
 
 A bundle is the folder `star-export` writes (docs/bundle.md has the why of every choice):
 
-    manifest.json        format version, precision, devices, model config, strategy labels and
-                         ids, special ids, generation defaults, graph I/O names, the shared
-                         tensors' places in weights.bin, and sha256 + size of every other file
+    manifest.json        the schema of star_runtime.manifest: precision, graphs, fingerprint, model
+                         config, strategies, generation defaults, the self-check's golden outputs,
+                         and sha256 + size of every other file
     encoder.onnx         context ids -> cross-attention keys/values of every decoder layer
     decoder_step.onnx    one decoder position: self-attention KV cache, STAR state, LM head
-    weights.bin          every weight once, 4 KiB-aligned; both graphs point into it
+    weights.bin          a 4 KiB header (magic + fingerprint), then every weight once, 4 KiB-aligned;
+                         both graphs point into it
     vocab.json, merges.txt, added_tokens.json, ...   the tokenizer (star_runtime.tokenizer)
 
-`load_manifest` refuses a bundle with a clear `BundleError` (a ValueError) naming the problem: no
-manifest, a newer format version, a file missing, a size or a sha256 that differs (a changed byte).
+Containment: every name the manifest gives is a plain file name; the file it names must resolve
+inside the folder (a symlink out of it is refused) and be a regular file (a FIFO or a device is
+refused before it is read, so it cannot hang the load or fill memory); every read is bounded by
+the size the manifest records, and every byte the runtime itself parses (manifest, tokenizer) is
+hashed from the same bytes it parses. onnxruntime opens the graphs and weights.bin by path, after
+they were checked, and the fingerprint ties the three together.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import stat
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
+from star_runtime.manifest import (FORMAT_VERSION, MAX_MANIFEST_BYTES, PRECISIONS, BundleError, parse,
+                                   validate)
+
 MANIFEST_FILE = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
 STEP_FILE = "decoder_step.onnx"
 WEIGHTS_FILE = "weights.bin"
+TOKENIZER_FILES = ("vocab.json", "merges.txt", "added_tokens.json")  # what Tokenizer reads
 ALIGNMENT = 4096  # bytes; onnxruntime memory-maps external data only at page-aligned offsets
-PRECISIONS = {"float32": ("cpu", "cuda"), "int8": ("cpu",), "float16": ("cuda",)}
+WEIGHTS_MAGIC = b"STAR weights\n"  # weights.bin starts with it, then the fingerprint (64 hex) and "\n"
+WEIGHTS_HEADER = ALIGNMENT  # the header's bytes; the first tensor starts after it
+FINGERPRINT_KEY = "star_fingerprint"  # the graphs' metadata_props entry
 _CHUNK = 1 << 22
 
-
-class BundleError(ValueError):
-    """A bundle that cannot be used: the message names the folder and the problem."""
+__all__ = ["ALIGNMENT", "BundleError", "ENCODER_FILE", "FINGERPRINT_KEY", "FORMAT_VERSION", "MANIFEST_FILE",
+           "PRECISIONS", "STEP_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "WEIGHTS_HEADER", "contained", "file_entry",
+           "load_manifest", "read_file", "read_shared_tensors", "sha256_file", "weights_fingerprint", "weights_header"]
 
 
 def sha256_file(path: Path) -> str:
@@ -51,66 +61,108 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "size": path.stat().st_size}
 
 
-def load_manifest(folder: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
-    """Read `folder`/manifest.json and check the bundle against it.
+def weights_header(fingerprint: str) -> bytes:
+    """The first WEIGHTS_HEADER bytes of weights.bin: magic, fingerprint, newline, zeros."""
+    head = WEIGHTS_MAGIC + fingerprint.encode("ascii") + b"\n"
+    return head + bytes(WEIGHTS_HEADER - len(head))
 
-    verify: also hash every file (about 0.4 s for a 350 MB float32 bundle on the 2-core dev
-    machine); sizes and presence are always checked.
+
+def contained(folder: Path, name: str) -> Path:
+    """folder/name, resolved; BundleError unless it is a regular file inside the folder."""
+    root = folder.resolve()
+    path = (root / name).resolve()
+    if path.parent != root:  # names are plain (the schema); this catches symlinks out of the folder
+        raise BundleError(f"{folder}: {name} resolves outside the bundle folder; a bundle holds its own files")
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise BundleError(f"{folder}: missing file {name} (the manifest lists it)") from None
+    except OSError as err:
+        raise BundleError(f"{folder}: cannot read {name}: {err.strerror}") from None
+    if not stat.S_ISREG(mode):
+        raise BundleError(f"{folder}: {name} is not a regular file (a FIFO, a device or a folder)")
+    return path
+
+
+def _read_bounded(path: Path, limit: int, what: str) -> bytes:
+    """At most `limit` bytes of a regular file (checked on the open descriptor, so a file swapped for
+    a FIFO after `contained` cannot block); BundleError if it holds more."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as err:
+        raise BundleError(f"{what}: cannot read: {err.strerror}") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BundleError(f"{what}: not a regular file (a FIFO, a device or a folder)")
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise BundleError(f"{what}: larger than {limit} bytes")
+    return data
+
+
+def load_manifest(folder: str | os.PathLike[str], *, verify: bool = True) -> dict[str, Any]:
+    """Read `folder`/manifest.json, validate it (star_runtime.manifest) and check the files it lists.
+
+    Every listed file must be a regular file inside the folder with the recorded size; verify: also
+    hash the graphs and weights (0.1 s for the 21 MB int8 default bundle on the 2-core dev machine).
+    The tokenizer's files are hashed whenever they are read (`read_file`).
     """
     folder = Path(folder)
     if not folder.is_dir():
         raise BundleError(f"{folder}: no such bundle folder")
-    path = folder / MANIFEST_FILE
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{folder}: no {MANIFEST_FILE}; not a bundle written by star-export") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: not readable JSON ({err})") from None
-    if not isinstance(manifest, dict):
-        raise BundleError(f"{path}: expected a JSON object")
-    version = manifest.get("format_version")
-    if not isinstance(version, int):
-        raise BundleError(f"{path}: format_version is {version!r}, expected an integer")
-    if version > FORMAT_VERSION:
-        raise BundleError(
-            f"{folder}: bundle format version {version} is newer than this star_runtime reads "
-            f"({FORMAT_VERSION}); upgrade star_runtime or re-export with a matching star-export"
-        )
-    if version < FORMAT_VERSION:
-        raise BundleError(f"{folder}: bundle format version {version} is older than {FORMAT_VERSION}; re-export it")
-    missing_keys = [k for k in ("files", "precision", "graphs", "io", "model_config", "strategies", "special_ids",
-                                "generation") if k not in manifest]
-    if missing_keys:
-        raise BundleError(f"{path}: missing keys {missing_keys}")
-    if manifest["precision"] not in PRECISIONS:
-        raise BundleError(f"{path}: unknown precision {manifest['precision']!r}")
+    if not (folder / MANIFEST_FILE).exists() and not (folder / MANIFEST_FILE).is_symlink():
+        raise BundleError(f"{folder}: no {MANIFEST_FILE}; not a bundle written by star-export")
+    path = contained(folder, MANIFEST_FILE)
+    manifest = validate(parse(_read_bounded(path, MAX_MANIFEST_BYTES, str(path)), str(path)), str(path), str(folder))
     for name, entry in manifest["files"].items():
-        file = folder / name
-        if not file.is_file():
-            raise BundleError(f"{folder}: missing file {name} (the manifest lists it)")
+        file = contained(folder, name)
         size = file.stat().st_size
         if size != entry["size"]:
-            raise BundleError(f"{file}: {size} bytes, the manifest says {entry['size']}: the file was changed")
-        if verify and sha256_file(file) != entry["sha256"]:
-            raise BundleError(f"{file}: sha256 differs from the manifest: the file was changed or is corrupt")
-    for role in ("encoder", "step", "weights"):
-        if manifest["graphs"].get(role) not in manifest["files"]:
-            raise BundleError(f"{path}: graphs.{role} names no file of the bundle")
+            raise BundleError(f"{folder}: {name} holds {size} bytes, the manifest says {entry['size']}: the file "
+                              "was changed")
+        if verify and name not in TOKENIZER_FILES and sha256_file(file) != entry["sha256"]:
+            raise BundleError(f"{folder}: {name}: sha256 differs from the manifest: the file was changed or is corrupt")
+    for name in TOKENIZER_FILES:
+        if name not in manifest["files"]:
+            raise BundleError(f"{folder}: the manifest lists no {name}: the tokenizer would read a file no hash "
+                              "covers; re-export the bundle")
     return manifest
+
+
+def read_file(folder: Path, manifest: dict[str, Any], name: str) -> bytes:
+    """The bytes of a listed file, read with the manifest's size as bound and checked against its
+    sha256 (the bytes returned are the bytes hashed)."""
+    entry = manifest["files"].get(name)
+    if entry is None:
+        raise BundleError(f"{folder}: {name} is not among the manifest's files: no hash covers it")
+    data = _read_bounded(contained(folder, name), entry["size"], f"{folder}: {name}")
+    if len(data) != entry["size"] or hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        raise BundleError(f"{folder}: {name}: sha256 differs from the manifest: the file was changed or is corrupt")
+    return data
+
+
+def weights_fingerprint(folder: Path, manifest: dict[str, Any]) -> str | None:
+    """The fingerprint in weights.bin's header, or None when it has no STAR header."""
+    with open(contained(folder, manifest["graphs"]["weights"]), "rb") as f:  # regular: `contained` checked it
+        head = f.read(len(WEIGHTS_MAGIC) + 65)
+    if not head.startswith(WEIGHTS_MAGIC):
+        return None
+    return head[len(WEIGHTS_MAGIC):len(WEIGHTS_MAGIC) + 64].decode("ascii", errors="replace")
 
 
 def read_shared_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
     """The tensors both graphs read (the token embedding), each read once from weights.bin.
 
     They are handed to every session with `SessionOptions.add_initializer`, so memory holds one
-    copy however many graphs use them.
+    copy however many graphs use them. The schema bounds every offset and length by the file size.
     """
     out = {}
-    with open(folder / manifest["graphs"]["weights"], "rb") as f:
+    with open(contained(folder, manifest["graphs"]["weights"]), "rb") as f:
         for name, spec in manifest["shared_tensors"].items():
             dtype = np.dtype(spec["dtype"])
             f.seek(spec["offset"])
             data = np.fromfile(f, dtype=dtype, count=spec["length"] // dtype.itemsize)
+            if data.nbytes != spec["length"]:
+                raise BundleError(f"{folder}: {WEIGHTS_FILE} ends inside shared tensor {name}")
             out[name] = data.reshape(spec["shape"])  # sessions keep a pointer: the array must outlive them
     return out

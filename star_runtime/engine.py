@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from star_runtime.bundle import PRECISIONS, BundleError, read_shared_tensors
+from star_runtime.bundle import (FINGERPRINT_KEY, PRECISIONS, BundleError, contained, read_shared_tensors,
+                                 weights_fingerprint)
 
 EMPTY_MAX = -1e30  # STAR's empty running max (kernels/reference.py); float16 clamps it to -65504
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -124,9 +125,16 @@ class Engine:
              threads: int | None = None, profile_prefix: str | None = None,
              check_precision: bool = True) -> Engine:
         """Sessions for the bundle in `folder`; profile_prefix: write onnxruntime's per-op profile
-        (JSON, one file per graph) to files starting with it, for benchmarks/profile_bundle.py."""
+        (JSON, one file per graph) to files starting with it, for benchmarks/profile_bundle.py.
+
+        The manifest's fingerprint must be weights.bin's and both graphs' (one export's graphs and
+        weights): a mixed pair is refused before it can compute garbage.
+        """
         folder = Path(folder)
         providers = providers_for(device, manifest["precision"], check_precision=check_precision)
+        if weights_fingerprint(folder, manifest) != manifest["fingerprint"]:
+            raise BundleError(f"{folder}: {manifest['graphs']['weights']} does not carry the manifest's fingerprint: "
+                              "it comes from another export; copy the whole bundle folder, not single files")
         arrays = read_shared_tensors(folder, manifest)
         bindings = {name: spec["binding"] for name, spec in manifest["shared_tensors"].items()}
         # The options keep raw pointers to initializer values: dropping the OrtValue before the
@@ -139,11 +147,20 @@ class Engine:
             so = session_options(threads, profile_prefix)
             for name, value in initializers.items():
                 so.add_initializer(name, value)
+            path = contained(folder, manifest["graphs"][role])
             try:
-                sessions.append(ort.InferenceSession(str(folder / manifest["graphs"][role]), so, providers=providers))
-            except (ort.capi.onnxruntime_pybind11_state.Fail, ort.capi.onnxruntime_pybind11_state.InvalidGraph,
-                    ort.capi.onnxruntime_pybind11_state.InvalidArgument, RuntimeError) as err:
-                raise BundleError(f"{folder}: onnxruntime cannot load {manifest['graphs'][role]}: {err}") from None
+                sessions.append(ort.InferenceSession(str(path), so, providers=providers))
+            except Exception as err:  # onnxruntime's errors (Fail, InvalidGraph, RuntimeException, ...) share no base
+                if isinstance(err, MemoryError):
+                    raise
+                reason = " ".join(str(err).split())  # one line: onnxruntime's messages span several
+                raise BundleError(f"{folder}: onnxruntime {ort.__version__} cannot load {manifest['graphs'][role]}: "
+                                  f"{reason}") from None
+        for role, session in zip(("encoder", "step"), sessions):
+            if session.get_modelmeta().custom_metadata_map.get(FINGERPRINT_KEY) != manifest["fingerprint"]:
+                raise BundleError(f"{folder}: {manifest['graphs'][role]} does not carry the manifest's fingerprint: "
+                                  "the graphs and the weights come from different exports; copy the whole bundle "
+                                  "folder, not single files")
         encoder, step = sessions
         if device == "cuda" and "CUDAExecutionProvider" not in step.get_providers():
             raise DeviceError("onnxruntime could not start CUDA for this bundle (is a GPU visible?)")

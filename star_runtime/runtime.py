@@ -27,12 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from star_runtime.bundle import BundleError, load_manifest
+from star_runtime.bundle import BundleError, TOKENIZER_FILES, load_manifest, read_file
 from star_runtime.conversation import Conversation, Reply
 from star_runtime.decoding import Generation, generate
 from star_runtime.engine import Engine
 from star_runtime.safety import SafetyPolicy
 from star_runtime.sampling import SamplingParams
+from star_runtime.selfcheck import run_selfcheck
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 
 
@@ -77,7 +78,11 @@ class Runtime:
         string is refused rather than read as "none". device: "cpu" or "cuda" (needs
         onnxruntime-gpu). threads: intra-op threads, a positive integer (default: one per
         core). safety: the safety policy (default: the built-in one, SafetyPolicy.load()).
-        verify: check every file's sha256 against the manifest (sizes are always checked).
+        verify: check the graphs' and weights' sha256 against the manifest, and run the golden
+        self-check (star_runtime.selfcheck: the bundle is refused when this onnxruntime, execution
+        provider or CPU computes something else than the exporter did). verify=False skips both;
+        the manifest's schema, file sizes, containment, the fingerprint and the tokenizer files'
+        hashes are always checked.
         """
         if path is None:
             path = default_bundle()
@@ -90,12 +95,17 @@ class Runtime:
         path = Path(path)
         manifest = load_manifest(path, verify=verify)
         try:
-            tokenizer = Tokenizer.from_dir(path)
+            tokenizer = Tokenizer.from_bytes({name: read_file(path, manifest, name) for name in TOKENIZER_FILES}, path)
         except TokenizerError as err:
             raise BundleError(f"{path}: the bundle's tokenizer files cannot be read: {err}") from None
         if tokenizer.strategy_ids != manifest["strategies"]["token_ids"]:
             raise BundleError(f"{path}: the tokenizer's strategy ids differ from the manifest's")
+        if tokenizer.vocab_size != manifest["io"]["vocab_size"]:
+            raise BundleError(f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the manifest "
+                              f"{manifest['io']['vocab_size']}")
         engine = Engine.open(path, manifest, device=device, threads=threads)
+        if verify:
+            run_selfcheck(engine, manifest, str(path))
         return cls(path, manifest, engine, tokenizer, safety if safety is not None else SafetyPolicy.load())
 
     def sampling(self, **overrides: Any) -> SamplingParams:

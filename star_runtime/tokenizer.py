@@ -59,15 +59,15 @@ class TokenizerError(ValueError):
     """The tokenizer files are missing or not what BlenderBot-Small writes."""
 
 
-def _read_json(path: Path) -> object:
+def _parse_json(data: bytes, path: Path) -> object:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise TokenizerError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as err:
+        return json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
         raise TokenizerError(f"{path}: cannot read: {err}") from None
     except json.JSONDecodeError as err:
         raise TokenizerError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
+    except RecursionError:
+        raise TokenizerError(f"{path}: JSON nested too deeply") from None
 
 
 class Tokenizer:
@@ -100,8 +100,24 @@ class Tokenizer:
         folder = Path(path)
         if not folder.is_dir():
             raise TokenizerError(f"{folder}: no such tokenizer folder (expected vocab.json and merges.txt)")
+        texts = {}
+        for name in ("vocab.json", "merges.txt", "added_tokens.json"):
+            try:
+                texts[name] = (folder / name).read_bytes()
+            except FileNotFoundError:
+                if name != "added_tokens.json":
+                    raise TokenizerError(f"{folder / name}: file not found") from None
+            except OSError as err:
+                raise TokenizerError(f"{folder / name}: cannot read: {err}") from None
+        return cls.from_bytes(texts, folder)
+
+    @classmethod
+    def from_bytes(cls, files: dict[str, bytes], folder: str | os.PathLike[str] = ".") -> Tokenizer:
+        """The tokenizer from the contents of vocab.json, merges.txt and (optional) added_tokens.json;
+        `folder` only names them in errors (star_runtime.bundle reads and hashes a bundle's files)."""
+        folder = Path(folder)
         vocab_file, merges_file = folder / "vocab.json", folder / "merges.txt"
-        encoder = _read_json(vocab_file)
+        encoder = _parse_json(files["vocab.json"], vocab_file)
         if not isinstance(encoder, dict) or not all(
             isinstance(t, str) and type(i) is int for t, i in encoder.items()
         ):
@@ -114,10 +130,8 @@ class Tokenizer:
         if any(t in encoder for t in STRATEGIES):
             raise TokenizerError(f"{vocab_file}: already holds strategy tokens; they belong in added_tokens.json")
         try:
-            lines = merges_file.read_text(encoding="utf-8").split("\n")
-        except FileNotFoundError:
-            raise TokenizerError(f"{merges_file}: file not found") from None
-        except (OSError, UnicodeDecodeError) as err:
+            lines = files["merges.txt"].decode("utf-8").split("\n")
+        except UnicodeDecodeError as err:
             raise TokenizerError(f"{merges_file}: cannot read: {err}") from None
         # The reference drops the first line ("#version: 0.2") and the last one (empty after the
         # final newline), whatever they hold.
@@ -128,10 +142,10 @@ class Tokenizer:
                 raise TokenizerError(f"{merges_file}:{lineno}: expected two symbols, got {line!r}")
             merges.append(pair)
         tokenizer = cls(encoder, merges)
-        added_file = folder / "added_tokens.json"
-        if added_file.exists():
+        if "added_tokens.json" in files:
+            added_file = folder / "added_tokens.json"
             expected = dict(zip(STRATEGIES, tokenizer.strategy_ids))
-            if _read_json(added_file) != expected:
+            if _parse_json(files["added_tokens.json"], added_file) != expected:
                 raise TokenizerError(f"{added_file}: expected exactly the strategy tokens {expected}")
         return tokenizer
 

@@ -21,7 +21,8 @@ from star_export import exporter
 from star_export.cli import main as export_main
 from star_export.validate import ValidationError
 from star_runtime import Runtime
-from star_runtime.bundle import MANIFEST_FILE, load_manifest
+from star_runtime.bundle import FORMAT_VERSION, MANIFEST_FILE, load_manifest
+from star_runtime.selfcheck import STEPS as SELFCHECK_STEPS
 from star_training.checkpoint import load_model
 from star_training.generate import generate as torch_generate
 
@@ -194,7 +195,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
         (("--checkpoint", str(corrupt), "--out", out), "not a readable safetensors file"),
         (("--checkpoint", str(no_tokenizer), "--out", out), "no usable tokenizer files"),
         (("--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file")), "is a file"),
-        (("--checkpoint", str(ckpt), "--out", str(tmp_path / "not_a_bundle")), "not a bundle"),
+        (("--checkpoint", str(ckpt), "--out", str(tmp_path / "not_a_bundle")), "refusing to replace"),
         (("--checkpoint", str(ckpt), "--out", str(tmp_path / "a_file" / "sub")), "not a folder"),
     ]
     for args, message in cases:
@@ -210,7 +211,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
 
 def test_manifest_describes_the_bundle(bundle, tokenizer_dir):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == 1 and manifest["precision"] == "float32"
+    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["precision"] == "float32"
     assert manifest["strategies"]["labels"][0] == "Question"
     assert manifest["generation"] == {"do_sample": True, "top_p": 0.3, "top_k": 30, "temperature": 0.7,
                                       "repetition_penalty": 1.03, "max_new_tokens": 40, "max_source_length": 160}
@@ -247,3 +248,131 @@ def test_cuda_runs_float32_and_float16_bundles(ckpt, bundle, tmp_path):
     assert manifest["validation"]["device"] == "cuda"
     reply = Runtime.load(tmp_path / "fp16", device="cuda").conversation(seed=0).reply("I feel lonely.")
     assert reply.text and reply.strategy
+
+
+# -- what --out may replace ---------------------------------------------------------------------
+
+def test_a_folder_with_someone_elses_manifest_is_not_replaced(ckpt, tmp_path, capsys):
+    """A web app's folder (its own manifest.json, index.html, src/) survives `star-export --out`."""
+    webapp = tmp_path / "webapp"
+    (webapp / "src").mkdir(parents=True)
+    (webapp / "manifest.json").write_text('{"name":"x"}')
+    (webapp / "index.html").write_text("<html></html>")
+    code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", str(webapp))
+    assert code == 1 and "refusing to replace" in err and "star-export" in err and err.count("\n") == 1, err
+    assert (webapp / "index.html").read_text() == "<html></html>" and (webapp / "src").is_dir()
+    assert (webapp / "manifest.json").read_text() == '{"name":"x"}'
+
+
+def test_a_bundle_with_a_users_file_added_is_not_replaced(ckpt, bundle, tmp_path, capsys):
+    out = tmp_path / "mine"
+    shutil.copytree(bundle, out)
+    (out / "notes.txt").write_text("my notes")
+    code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", str(out))
+    assert code == 1 and "notes.txt" in err, err
+    assert (out / "notes.txt").read_text() == "my notes"
+
+
+def test_an_empty_folder_and_an_older_bundle_are_replaced(ckpt, bundle, tmp_path):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    exporter.export_bundle(ckpt, empty, log=lambda line: None)
+    assert load_manifest(empty)["format_version"] == FORMAT_VERSION
+    old = tmp_path / "old"  # a version-1 bundle as the previous star-export wrote it
+    shutil.copytree(bundle, old)
+    manifest = json.loads((old / MANIFEST_FILE).read_text())
+    for key in ("fingerprint", "selfcheck"):
+        del manifest[key]
+    manifest["format_version"] = 1
+    (old / MANIFEST_FILE).write_text(json.dumps(manifest))
+    exporter.export_bundle(ckpt, old, log=lambda line: None)
+    assert load_manifest(old)["format_version"] == FORMAT_VERSION
+
+
+# -- NaN and infinities ---------------------------------------------------------------------------
+
+def test_a_nan_checkpoint_is_refused(model, ckpt, tmp_path, capsys):
+    nan = tmp_path / "nan_ckpt"
+    shutil.copytree(ckpt, nan)
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(nan / "model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
+              nan / "model.safetensors", metadata={"format": "pt"})
+    code, err = _cli(capsys, "--checkpoint", str(nan), "--out", str(tmp_path / "out"))
+    assert code == 1 and "NaN" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_cannot_pass_on_nan(ckpt, tmp_path, monkeypatch):
+    """A NaN that reaches the graphs (one LayerNorm gamma) fails the check against PyTorch."""
+    real = exporter.stored_arrays
+
+    def broken(model, precision):
+        arrays = real(model, precision)
+        arrays["dec.0.ln1.gamma"] = np.full_like(arrays["dec.0.ln1.gamma"], np.nan)
+        return arrays
+
+    monkeypatch.setattr(exporter, "stored_arrays", broken)
+    with pytest.raises(ValidationError, match="inf"):
+        exporter.export_bundle(ckpt, tmp_path / "out", log=lambda line: None)
+    assert not (tmp_path / "out").exists()
+
+
+# -- the int8 layout and the golden record ----------------------------------------------------------
+
+def test_int8_blocks_are_ones_every_onnxruntime_computes(bundle_int8):
+    """MatMulNBits with blocks of at most 256 (512 gave garbage or a refusal before 1.32), in the
+    tiny bundle and in the shipped default (d_model 256, FFN 1024)."""
+    from star_export.weights import block_size
+    from star_runtime.chat import default_bundle
+
+    assert [block_size(k) for k in (64, 256, 1024, 2048)] == [64, 256, 256, 256]
+    for folder in (bundle_int8, default_bundle()):
+        sizes = set()
+        for graph in ("encoder.onnx", "decoder_step.onnx"):
+            for node in onnx.load(str(folder / graph), load_external_data=False).graph.node:
+                if node.op_type == "MatMulNBits":
+                    attrs = {a.name: a.i for a in node.attribute}
+                    assert attrs["bits"] == 8
+                    sizes.add(attrs["block_size"])
+        assert sizes and max(sizes) <= 256, (folder, sizes)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_bundle_dequantizes_to_the_weights_its_graphs_compute_with(model, tmp_path_factory, tokenizer_dir,
+                                                                     tmp_path, precision):
+    """star_export.dequantize: float32 gives the checkpoint back bit for bit; int8 gives W_q s
+    exactly, and exporting that checkpoint again stores the same int8 arrays."""
+    from star_export.dequantize import to_checkpoint
+    from star_export.weights import collect, quantize_blocks, quantize_int8, runs_on_the_encoder, stored_arrays
+
+    folder = tiny_bundle(tmp_path_factory, tokenizer_dir, precision)
+    rebuilt = to_checkpoint(folder, tmp_path / "ckpt")
+    assert load_model(tmp_path / "ckpt") is not None
+    original, back = model.state_dict(), rebuilt.state_dict()
+    if precision == "float32":
+        assert all(torch.equal(original[k], back[k]) for k in original)
+        return
+    mats, _ = collect(model)
+    mats_back, _ = collect(rebuilt)
+    for name, (w, _) in mats.items():
+        q, s = (quantize_int8 if runs_on_the_encoder(name) else quantize_blocks)(w)
+        exact = q * s if q.dtype == np.int8 else ((q.astype(np.float32) - 128) * s[..., None]).reshape(w.shape[1], -1).T
+        np.testing.assert_array_equal(mats_back[name][0], exact)
+    again, first = stored_arrays(rebuilt, "int8"), stored_arrays(model, "int8")
+    assert all(np.array_equal(again[k], first[k]) for k in first)
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_the_golden_record_is_compact_and_reproduced(tmp_path_factory, tokenizer_dir, precision):
+    folder = tiny_bundle(tmp_path_factory, tokenizer_dir, precision)
+    record = load_manifest(folder)["selfcheck"]
+    size = len(json.dumps(record))
+    print(f"{precision}: golden record {size} bytes, {len(record['steps'])} steps")
+    assert size < 4000 and len(record["steps"]) == SELFCHECK_STEPS
+    rt = Runtime.load(folder)  # passes its own self-check
+    sids = rt.manifest["strategies"]["token_ids"]
+    gen = rt.generate(record["context_ids"], max_new_tokens=SELFCHECK_STEPS, stop_at_eos=False, repetition_penalty=1.0)
+    assert sids[gen.strategy] == sids[int(np.argmax(record["strategy_logits"]))]
+    assert gen.tokens == [s["token"] for s in record["steps"]]
