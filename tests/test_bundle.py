@@ -251,7 +251,7 @@ def test_the_self_check_costs_under_5_percent_of_a_load(monkeypatch):
     makes the first runs of fresh sessions, whose one-off costs fall on the first reply when there
     is no check), and the check's own cost, the same check on warm sessions: under 5% of a load."""
     from star_runtime import runtime
-    from star_runtime.chat import default_bundle
+    from star_runtime.runtime import default_bundle
     from star_runtime.selfcheck import run_selfcheck
 
     spent = []
@@ -282,7 +282,7 @@ def test_the_self_check_costs_under_5_percent_of_a_load(monkeypatch):
 
 
 def test_the_shipped_default_bundle_passes_its_self_check():
-    from star_runtime.chat import default_bundle
+    from star_runtime.runtime import default_bundle
 
     shipped = default_bundle()
     manifest = load_manifest(shipped)

@@ -325,7 +325,7 @@ def test_int8_blocks_are_ones_every_onnxruntime_computes(bundle_int8):
     """MatMulNBits with blocks of at most 256 (512 gave garbage or a refusal before 1.32), in the
     tiny bundle and in the shipped default (d_model 256, FFN 1024)."""
     from star_export.weights import block_size
-    from star_runtime.chat import default_bundle
+    from star_runtime.runtime import default_bundle
 
     assert [block_size(k) for k in (64, 256, 1024, 2048)] == [64, 256, 256, 256]
     for folder in (bundle_int8, default_bundle()):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from star_runtime import Runtime
-from star_runtime.chat import default_bundle
+from star_runtime.runtime import default_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
