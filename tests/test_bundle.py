@@ -241,7 +241,7 @@ def test_star_chat_reports_a_failed_self_check_in_one_line(copy):
     done = subprocess.run([sys.executable, "-m", "star_runtime.chat", "--model", str(copy)], input=b"hi\n",
                           capture_output=True, timeout=120, env=env)
     err = done.stderr.decode()
-    assert done.returncode == 1 and done.stdout == b"", (done.returncode, err)
+    assert done.returncode == 2 and done.stdout == b"", (done.returncode, err)
     assert err.startswith("star-chat: ") and err.count("\n") == 1 and "Traceback" not in err, err
     assert "self-check failed" in err and ort.__version__ in err and platform.machine() in err, err
 

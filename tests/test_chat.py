@@ -101,6 +101,16 @@ class Terminal:
     def type(self, text: str) -> None:
         os.write(self.master, text.encode())
 
+    def ctrl_d(self) -> None:
+        """Ctrl-D at the prompt, once readline has the terminal. A Ctrl-D that arrives while the
+        terminal is still in canonical mode (the prompt printed, readline not yet reading) is an
+        end-of-file mark the switch to readline's mode loses, and the session would wait forever:
+        a race of the test, not something a person can hit."""
+        end = time.monotonic() + 10
+        while termios.tcgetattr(self.master)[3] & termios.ICANON and time.monotonic() < end:
+            time.sleep(0.02)
+        self.type("\x04")
+
     def command(self, line: str, marker: str | None = None) -> str:
         """Type a line; the output up to `marker` and then up to the next prompt."""
         self.type(line + "\r")
@@ -167,7 +177,7 @@ def test_interactive_session_streams_and_runs_every_command(terminal, bundle, la
     term.command("/save", "usage: /save FILE")
     term.command("/save transcript.json", "transcript saved")
 
-    term.type("\x04")  # Ctrl-D at the prompt
+    term.ctrl_d()
     assert term.wait() == 0
     assert "Traceback" not in term.text
 

@@ -259,7 +259,7 @@ def test_a_folder_with_someone_elses_manifest_is_not_replaced(ckpt, tmp_path, ca
     (webapp / "manifest.json").write_text('{"name":"x"}')
     (webapp / "index.html").write_text("<html></html>")
     code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", str(webapp))
-    assert code == 1 and "refusing to replace" in err and "star-export" in err and err.count("\n") == 1, err
+    assert code == 2 and "refusing to replace" in err and "star-export" in err and err.count("\n") == 1, err
     assert (webapp / "index.html").read_text() == "<html></html>" and (webapp / "src").is_dir()
     assert (webapp / "manifest.json").read_text() == '{"name":"x"}'
 
@@ -269,7 +269,7 @@ def test_a_bundle_with_a_users_file_added_is_not_replaced(ckpt, bundle, tmp_path
     shutil.copytree(bundle, out)
     (out / "notes.txt").write_text("my notes")
     code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", str(out))
-    assert code == 1 and "notes.txt" in err, err
+    assert code == 2 and "notes.txt" in err, err
     assert (out / "notes.txt").read_text() == "my notes"
 
 
@@ -300,7 +300,7 @@ def test_a_nan_checkpoint_is_refused(model, ckpt, tmp_path, capsys):
     save_file({k: torch.full_like(v, float("nan")) if v.is_floating_point() else v for k, v in weights.items()},
               nan / "model.safetensors", metadata={"format": "pt"})
     code, err = _cli(capsys, "--checkpoint", str(nan), "--out", str(tmp_path / "out"))
-    assert code == 1 and "NaN" in err and err.count("\n") == 1, err
+    assert code == 2 and "NaN" in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()
 
 

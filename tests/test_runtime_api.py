@@ -37,14 +37,18 @@ def rt(bundle) -> Runtime:
 
 @pytest.fixture(scope="module")
 def nan_bundle(bundle, tmp_path_factory) -> Path:
-    """The tiny bundle with every weight NaN (float32 NaN in every 4 bytes of weights.bin) and the
-    manifest's sha256 of weights.bin updated, as an export that skipped validation would write."""
-    from star_runtime.bundle import sha256_file
+    """The tiny bundle with every weight NaN (float32 NaN in every 4 bytes of weights.bin after its
+    header, which keeps the fingerprint) and the manifest's sha256 of weights.bin updated, as an
+    export that skipped validation would write. The self-check refuses it at load; with
+    verify=False it reaches the decoding loop."""
+    from star_runtime.bundle import WEIGHTS_HEADER, sha256_file
 
     out = tmp_path_factory.mktemp("nan") / "bundle"
     shutil.copytree(bundle, out)
     weights = out / "weights.bin"
-    weights.write_bytes(np.full(weights.stat().st_size // 4, np.nan, np.float32).tobytes())
+    data = weights.read_bytes()
+    weights.write_bytes(data[:WEIGHTS_HEADER]
+                        + np.full((len(data) - WEIGHTS_HEADER) // 4, np.nan, np.float32).tobytes())
     manifest = json.loads((out / "manifest.json").read_text())
     manifest["files"]["weights.bin"]["sha256"] = sha256_file(weights)
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -56,7 +60,9 @@ def nan_bundle(bundle, tmp_path_factory) -> Path:
 def test_nan_weights_give_one_clear_error(nan_bundle, do_sample) -> None:
     from star_runtime import NonFiniteOutputError
 
-    rt = Runtime.load(nan_bundle, threads=1)
+    with pytest.raises(BundleError, match="self-check"):
+        Runtime.load(nan_bundle, threads=1)  # refused at load, before anyone talks to it
+    rt = Runtime.load(nan_bundle, threads=1, verify=False)
     with pytest.raises(NonFiniteOutputError, match="NaN or infinite") as err:
         rt.conversation(seed=0, do_sample=do_sample).reply("I feel alone.")
     assert isinstance(err.value, RuntimeError) and "\n" not in str(err.value)
@@ -64,11 +70,22 @@ def test_nan_weights_give_one_clear_error(nan_bundle, do_sample) -> None:
         rt.generate([5, 6, 7], do_sample=do_sample, seed=0)
 
 
-def test_star_chat_pipe_mode_answers_nan_with_an_error_line_not_nan_json(nan_bundle) -> None:
-    done = subprocess.run(STAR_CHAT + ["--model", str(nan_bundle), "--greedy"], input=b"hello\nagain\n",
+def test_star_chat_refuses_a_nan_bundle_and_pipe_mode_never_prints_nan(nan_bundle) -> None:
+    import io
+    from types import SimpleNamespace
+
+    from star_runtime.chat import run_pipe
+
+    done = subprocess.run(STAR_CHAT + ["--model", str(nan_bundle), "--greedy"], input=b"hello\n",
                           capture_output=True, timeout=120)
-    lines = done.stdout.decode().splitlines()
-    assert done.returncode == 0 and len(lines) == 2, done.stderr.decode()
+    err = done.stderr.decode()
+    assert done.returncode == 2 and done.stdout == b"" and "self-check" in err and err.count("\n") == 1, err
+    # Past the check (verify=False), the pipe loop still answers each line with an error, not NaN.
+    rt = Runtime.load(nan_bundle, threads=1, verify=False)
+    out = io.StringIO()
+    run_pipe(rt, SimpleNamespace(situation=None, seed=0, greedy=True), io.StringIO("hello\nagain\n"), out)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2
     for line in lines:  # strict JSON (no NaN literal) and an error naming the problem
         record = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c}"))
         assert "NaN" in record["error"]
