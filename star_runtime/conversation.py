@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from star_runtime.decoding import generate
+from star_runtime.detok import readable
 from star_runtime.safety import SafetyVerdict
 from star_runtime.safety.stream import ScreenedStream
 from star_runtime.sampling import SamplingParams
@@ -175,7 +176,7 @@ class Conversation:
             return self.situation_reply()
 
         stream = rt.tokenizer.create_stream()
-        screen = ScreenedStream(rt.safety, on_token, crisis_category=self._crisis)
+        screen = ScreenedStream(rt.safety, on_token, crisis_category=self._crisis, render=readable)
 
         def callback(token_id: int) -> bool | None:
             piece = stream.decode(token_id)
@@ -185,8 +186,8 @@ class Conversation:
                        rng=self.rng, on_token=callback)
         # A reply cut off at max_new_tokens can end inside a word: its BPE mark "@@" (what
         # stream.flush() would give) is tokenizer bookkeeping, not text for a person.
-        reply_text = rt.tokenizer.decode(gen.tokens).removesuffix("@@")
-        verdict = screen.finish(reply_text)
+        verdict = screen.finish(rt.tokenizer.decode(gen.tokens).removesuffix("@@"))
+        reply_text = screen.text  # as written English (star_runtime.detok)
         labels = rt.manifest["strategies"]["labels"]
         probs = dict(zip(labels, map(float, gen.strategy_probs)))
         if verdict.escalate:

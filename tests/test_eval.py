@@ -4,6 +4,8 @@ outside the labelled oracle run, and that bad input is one clear message."""
 
 from __future__ import annotations
 
+from star_runtime.detok import readable
+
 import json
 import math
 from pathlib import Path
@@ -48,6 +50,7 @@ def read_jsonl(path: Path) -> list[dict]:
 def test_writes_predictions_scores_and_table_from_predicted_strategies(setup, tmp_path, capsys) -> None:
     assert run_eval(setup, tmp_path, "--oracle-strategy") == 0
     preds = read_jsonl(tmp_path / "predictions.jsonl")
+    assert all(p["hypothesis_readable"] == readable(p["hypothesis"]) for p in preds)
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert len(preds) == N and scores["examples"] == N and scores["split"] == "test"
     assert set(preds[0]) >= {"context", "gold_strategy", "predicted_strategy", "reference", "hypothesis"}

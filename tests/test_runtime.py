@@ -193,7 +193,7 @@ def test_streamed_text_is_screened_before_on_token_sees_it(rt, monkeypatch):
     assert reply.escalated and reply.escalation.trigger == "model_reply"
     assert reply.text == rt.safety.crisis_reply(reply.escalation.category)
     assert "kill" not in shown and "yourself" not in shown and "ahead" not in shown, shown
-    assert shown.startswith("that sounds so hard")  # the safe clauses before it did stream
+    assert shown.startswith("That sounds so hard")  # the safe clauses before it did stream
     assert len(fed) < len(ids)  # decoding stopped at the hit, not at the end
 
 

@@ -4,7 +4,8 @@
     star-eval runs/star/best                           # test split, paper decoding, seed 42
     star-eval runs/star/best --limit 200 --oracle-strategy --out /tmp/ev
 
-Writes OUT/predictions.jsonl (context, gold and predicted strategy, reference, hypothesis),
+Writes OUT/predictions.jsonl (context, gold and predicted strategy, reference, hypothesis and
+hypothesis_readable, the reply as star-chat shows it),
 OUT/scores.json and OUT/scores.md (the paper's rows beside ours); with --oracle-strategy also
 OUT/predictions_oracle.jsonl and a row labelled ORACLE. The default OUT is a folder beside the
 model: MODEL/../eval-NAME-SPLIT. The data settings (max source/target, situation) default to

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from star_runtime.detok import readable
 from star_runtime.strategies import STRATEGIES
 from star_runtime.tokenizer import Tokenizer
 from star_training.data import Example, collate
@@ -84,6 +85,8 @@ def _records(examples: list[Example], tok: Tokenizer, strategies: list[int], hyp
             "conversation": e.conversation, "turn": e.turn, "situation": e.situation, "context": list(e.context),
             "gold_strategy": STRATEGIES[e.strategy], "predicted_strategy": STRATEGIES[s],
             "reference": reference_text(e, tok), "hypothesis": h,
+            # the reply as a person would read it; the metrics score "hypothesis"
+            "hypothesis_readable": readable(h),
         }
         for e, s, h in zip(examples, strategies, hypotheses)
     ]

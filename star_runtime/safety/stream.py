@@ -32,37 +32,45 @@ HOLD_WORDS = 16
 class ScreenedStream:
     """Pieces in, screened text out through `emit` (module docstring).
 
+    render: how the reply is shown (star_runtime.detok.readable in the runtime); the screen reads
+    and `emit` receives the rendered reply. Rendering can still change the last word ("don '"
+    becomes "don't" once "t" arrives, "that" takes the "." that follows it), so the last word is
+    held back too, and nothing is passed on that the rendered text no longer starts with.
     emit(text) -> False asks to stop (the app's "enough"); `app_stopped` says it did.
     """
 
     def __init__(self, policy: SafetyPolicy, emit: Callable[[str], bool | None] | None, *,
-                 crisis_category: str | None = None) -> None:
-        self.policy, self.emit, self.crisis_category = policy, emit, crisis_category
-        self.text = ""
-        self.released = 0
+                 crisis_category: str | None = None, render: Callable[[str], str] = str) -> None:
+        self.policy, self.emit, self.crisis_category, self.render = policy, emit, crisis_category, render
+        self.raw = ""  # the pieces as they came
+        self.text = ""  # render(raw): what the screen reads and the person sees
+        self.released = 0  # text[:released] has been passed on
         self.verdict: SafetyVerdict = NO_CRISIS
         self.app_stopped = False
+        self._emitted = ""
 
     def _safe_point(self) -> int:
-        text, point, words = self.text, self.released, 0
-        for k in range(len(text) - 1, self.released - 1, -1):
+        text, words = self.text, 0
+        stable = text.rfind(" ")  # the last word may still change
+        for k in range(stable - 1, self.released - 1, -1):
             if text[k] in _CLAUSE:
-                return max(point, k + 1)
+                return max(self.released, k + 1)
             if text[k].isspace() and k + 1 < len(text) and not text[k + 1].isspace():
                 words += 1
                 if words == HOLD_WORDS:
                     return k + 1
-        return point
+        return self.released
 
     def _release(self, upto: int) -> bool:
         """Screen text[:upto]; pass on what is new. False: stop decoding (unsafe or app asked)."""
-        if upto <= self.released:
+        if upto <= self.released or not self.text.startswith(self._emitted):
             return True
         verdict = self.policy.check_reply(self.text[:upto], crisis_category=self.crisis_category)
         if verdict.escalate:
             self.verdict = verdict
             return False
         new, self.released = self.text[self.released:upto], upto
+        self._emitted += new
         if self.emit is not None and self.emit(new) is False:
             self.app_stopped = True
             return False
@@ -70,21 +78,22 @@ class ScreenedStream:
 
     def feed(self, piece: str) -> bool:
         """Add one piece of the reply; False means stop decoding."""
-        self.text += piece
+        self.raw += piece
+        self.text = self.render(self.raw)
         return self._release(self._safe_point())
 
     def finish(self, final: str | None = None) -> SafetyVerdict:
-        """Screen the whole reply (`final`, the reply as decoded; default: the pieces joined) and
-        pass on the rest when it is safe. Returns the verdict on the whole reply."""
+        """Screen the whole reply (`final`, the reply as decoded; default: the pieces joined),
+        rendered, and pass on the rest when it is safe. Returns the verdict on the whole reply."""
         if self.verdict.escalate:
             return self.verdict
-        if final is not None and final.startswith(self.text[:self.released]):
-            self.text = final
+        self.text = self.render(final if final is not None else self.raw)
         verdict = self.policy.check_reply(self.text, crisis_category=self.crisis_category)
         if verdict.escalate:
             self.verdict = verdict
             return verdict
-        if not self.app_stopped and self.emit is not None and len(self.text) > self.released:
-            self.emit(self.text[self.released:])
+        if (not self.app_stopped and self.emit is not None and self.text.startswith(self._emitted)
+                and len(self.text) > len(self._emitted)):
+            self.emit(self.text[len(self._emitted):])
         self.released = len(self.text)
         return verdict
