@@ -163,3 +163,16 @@ def test_runtime_only_venv_chats_and_the_training_commands_say_what_to_install(t
         assert done.returncode == 0, f"{code}\n{done.stderr}"
     chat = run("star-chat", input="hello\n")
     assert chat.returncode == 0 and '"reply"' in chat.stdout, chat.stderr
+
+
+def test_every_python_package_folder_is_in_the_distribution() -> None:
+    """setuptools installs only the packages pyproject lists: a sub-package left out (as
+    star_runtime.safety once was) is missing from a non-editable install, which the editable one
+    used by this suite does not show."""
+    tool = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    folders = {name: REPO / tool.get("package-dir", {}).get(name, name) for name in tool["packages"] if "." not in name}
+    listed = set(tool["packages"])
+    for top, folder in folders.items():
+        for init in folder.rglob("__init__.py"):
+            parts = init.parent.relative_to(folder).parts
+            assert ".".join((top, *parts)) in listed, f"{init.parent} is not in pyproject's packages"
