@@ -81,6 +81,12 @@ class Reply:
     escalation: Escalation | None = None
 
 
+def _blank(text: str) -> bool:
+    """Nothing a person can see: whitespace, control and format characters (zero-width space and
+    joiner, bidi marks) only."""
+    return not "".join(c for c in text if unicodedata.category(c) not in ("Cc", "Cf")).strip()
+
+
 def clean_message(text: object) -> str:
     """The message with control characters turned into spaces.
 
@@ -91,11 +97,9 @@ def clean_message(text: object) -> str:
     (1 of 29 in the test's French sentence), so it is still answered."""
     if not isinstance(text, str):
         raise ValueError(f"a message is text, not {type(text).__name__}")
-    cleaned = "".join(" " if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
-    # Format characters (zero-width space and joiner, bidi marks) are invisible: a message of
-    # only those is empty.
-    if not "".join(c for c in cleaned if unicodedata.category(c) != "Cf").strip():
+    if _blank(text):
         raise ValueError("empty message")
+    cleaned = "".join(" " if unicodedata.category(c) == "Cc" and c not in "\n\t" else c for c in text)
     visible = sum(not c.isspace() for c in text)
     binary = text.count("\ufffd") + text.count("\x00")
     if 4 * binary > visible:
@@ -117,7 +121,7 @@ class Conversation:
         self._items: list[list[int]] = []
         self._crisis: str | None = None  # the category of the latest escalation, if any
         self._pending: Reply | None = None  # the situation's crisis reply, not yet delivered
-        if situation is not None and "".join(c for c in situation if unicodedata.category(c) != "Cf").strip():
+        if situation is not None and not _blank(situation):
             verdict = runtime.safety.check_user(situation)
             if verdict.escalate:
                 self._pending = self._escalated(Escalation.of("situation", verdict), time.perf_counter())
@@ -162,14 +166,12 @@ class Conversation:
         ValueError for an empty message or binary data."""
         start = time.perf_counter()
         rt = self.runtime
-        if not isinstance(text, str):
-            raise ValueError(f"a message is text, not {type(text).__name__}")
+        cleaned = clean_message(text)  # ValueError for no text, a blank one or binary data
         # The check reads the message as written: the readings in safety.text undo escape
-        # codes and control characters that clean_message would turn into spaces.
-        verdict = rt.safety.check_user(text) if text.strip() else None
-        cleaned = clean_message(text)
+        # codes and control characters that clean_message turns into spaces.
+        verdict = rt.safety.check_user(text)
         self._remember(rt.tokenizer.encode(cleaned))
-        if verdict is not None and verdict.escalate:
+        if verdict.escalate:
             self._pending = None
             return self._escalated(Escalation.of("user_message", verdict), start)
         if self._pending is not None:

@@ -119,6 +119,7 @@ class RuleSet:
         self.agreement_rules = [r for r in reply if r.signal == AGREEMENT]
         self.benign = benign
         self.corrector = Corrector(literal_words(folder))
+        self._has_semantic = (folder / "prototypes.jsonl").is_file()  # a deployment's rules may have none
 
     def _negated(self, norm: str, start: int) -> bool:
         window = norm[max(0, start - NEGATION_WINDOW):start]
@@ -161,7 +162,7 @@ class RuleSet:
     @property
     def semantic(self) -> SemanticScreen | None:
         """The semantic screen, loaded on first use (a 23 MB encoder), shared by every policy."""
-        return _semantic(str(self.folder)) if (self.folder / "prototypes.jsonl").is_file() else None
+        return _semantic(str(self.folder)) if self._has_semantic else None
 
     def check_reply(self, text: str, *, crisis_category: str | None = None) -> SafetyVerdict:
         """Is a model reply unsafe? It encourages, endorses or instructs harm (model_reply.rules),

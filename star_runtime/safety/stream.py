@@ -44,33 +44,32 @@ class ScreenedStream:
         self.policy, self.emit, self.crisis_category, self.render = policy, emit, crisis_category, render
         self.raw = ""  # the pieces as they came
         self.text = ""  # render(raw): what the screen reads and the person sees
-        self.released = 0  # text[:released] has been passed on
+        self.emitted = ""  # what has been passed on: always a prefix of `text` when it grows
         self.verdict: SafetyVerdict = NO_CRISIS
         self.app_stopped = False
-        self._emitted = ""
 
     def _safe_point(self) -> int:
-        text, words = self.text, 0
+        text, words, released = self.text, 0, len(self.emitted)
         stable = text.rfind(" ")  # the last word may still change
-        for k in range(stable - 1, self.released - 1, -1):
+        for k in range(stable - 1, released - 1, -1):
             if text[k] in _CLAUSE:
-                return max(self.released, k + 1)
+                return max(released, k + 1)
             if text[k].isspace() and k + 1 < len(text) and not text[k + 1].isspace():
                 words += 1
                 if words == HOLD_WORDS:
                     return k + 1
-        return self.released
+        return released
 
     def _release(self, upto: int) -> bool:
         """Screen text[:upto]; pass on what is new. False: stop decoding (unsafe or app asked)."""
-        if upto <= self.released or not self.text.startswith(self._emitted):
+        if upto <= len(self.emitted) or not self.text.startswith(self.emitted):
             return True
         verdict = self.policy.check_reply(self.text[:upto], crisis_category=self.crisis_category)
         if verdict.escalate:
             self.verdict = verdict
             return False
-        new, self.released = self.text[self.released:upto], upto
-        self._emitted += new
+        new = self.text[len(self.emitted):upto]
+        self.emitted += new
         if self.emit is not None and self.emit(new) is False:
             self.app_stopped = True
             return False
@@ -92,8 +91,8 @@ class ScreenedStream:
         if verdict.escalate:
             self.verdict = verdict
             return verdict
-        if (not self.app_stopped and self.emit is not None and self.text.startswith(self._emitted)
-                and len(self.text) > len(self._emitted)):
-            self.emit(self.text[len(self._emitted):])
-        self.released = len(self.text)
+        if not self.app_stopped and self.emit is not None and self.text.startswith(self.emitted):
+            rest, self.emitted = self.text[len(self.emitted):], self.text
+            if rest:
+                self.emit(rest)
         return verdict
