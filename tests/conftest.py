@@ -13,6 +13,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from star_bundles import tiny_bundle
+
+from star_runtime import Runtime
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("STAR_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -43,3 +46,20 @@ def esconv_dir() -> Path:
     if not (path / "train.txt").is_file():
         pytest.skip(f"ESConv split files not found at {path}")
     return path
+
+
+# The tiny bundles (tests/star_bundles.py: exported once per session) and a runtime on one, for
+# every test module that talks to a bundle.
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
+
+
+@pytest.fixture(scope="session")
+def bundle_int8(tmp_path_factory, tokenizer_dir) -> Path:
+    return tiny_bundle(tmp_path_factory, tokenizer_dir, "int8")
+
+
+@pytest.fixture(scope="module")
+def rt(bundle) -> Runtime:
+    return Runtime.load(bundle, threads=1)

@@ -24,21 +24,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from star_bundles import tiny_bundle
 from star_runtime import BundleError, Runtime
 from star_runtime.bundle import MANIFEST_FILE, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def bundle_int8(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "int8")
 
 
 @pytest.fixture

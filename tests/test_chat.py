@@ -25,18 +25,12 @@ from pathlib import Path
 
 import pytest
 
-from star_bundles import tiny_bundle
 from star_runtime.safety import SafetyPolicy
 
 STAR_CHAT = [sys.executable, "-m", "star_runtime.chat"]
 TIMEOUT = 60  # seconds for one step of a session; a loaded 2-core machine starts one in ~2 s
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 COLUMNS = 4000  # wide enough that no reply wraps: a streamed frame is then one line
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
 
 
 @pytest.fixture(scope="module")

@@ -41,16 +41,6 @@ def model(ckpt):
     return load_model(ckpt).eval()
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def bundle_int8(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "int8")
-
-
 def _prompts(vocab_size: int, n: int = N_PROMPTS) -> list[np.ndarray]:
     """Random contexts of random lengths (1..160) over the ordinary vocabulary."""
     rng = np.random.default_rng(123)

@@ -22,16 +22,6 @@ from star_runtime.bundle import MANIFEST_FILE
 from star_runtime.sampling import SamplingParams, distribution
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def rt(bundle) -> Runtime:
-    return Runtime.load(bundle, threads=1)
-
-
 def test_runtime_imports_no_torch(bundle):
     code = textwrap.dedent(f"""
         import sys

@@ -18,21 +18,10 @@ import numpy as np
 import pytest
 
 import star_runtime
-from star_bundles import tiny_bundle
 from star_runtime import BundleError, Runtime
 from star_runtime.sampling import SamplingParams
 
 STAR_CHAT = [sys.executable, "-m", "star_runtime.chat"]
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory, tokenizer_dir) -> Path:
-    return tiny_bundle(tmp_path_factory, tokenizer_dir, "float32")
-
-
-@pytest.fixture(scope="module")
-def rt(bundle) -> Runtime:
-    return Runtime.load(bundle, threads=1)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from rich.console import Console
 
 from star_runtime import Reply
