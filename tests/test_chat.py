@@ -100,10 +100,28 @@ class Terminal:
         terminal is still in canonical mode (the prompt printed, readline not yet reading) is an
         end-of-file mark the switch to readline's mode loses, and the session would wait forever:
         a race of the test, not something a person can hit."""
+        self._wait_for_readline()
+        self.type("\x04")
+
+    def ctrl_c(self) -> None:
+        """Ctrl-C at the prompt, once readline waits for a key. CPython's readline blocks in
+        select() with no timeout; a SIGINT that lands after the prompt is printed but before that
+        select() starts is only noticed at the next key, so the session would wait forever: a race
+        of the test (a person presses Ctrl-C at a prompt they can see, or presses it again), so a
+        SIGINT that got no answer within a second is sent again, up to five times."""
+        self._wait_for_readline()
+        for _ in range(5):
+            self.proc.send_signal(signal.SIGINT)  # what the terminal sends (the pty is not its tty)
+            try:
+                self.proc.wait(timeout=1)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def _wait_for_readline(self) -> None:
         end = time.monotonic() + 10
         while termios.tcgetattr(self.master)[3] & termios.ICANON and time.monotonic() < end:
             time.sleep(0.02)
-        self.type("\x04")
 
     def command(self, line: str, marker: str | None = None) -> str:
         """Type a line; the output up to `marker` and then up to the next prompt."""
@@ -203,7 +221,7 @@ def test_quit_command_ends_the_session(terminal) -> None:
 
 def test_ctrl_c_at_the_prompt_ends_the_session_cleanly(terminal) -> None:
     term = terminal()
-    term.proc.send_signal(signal.SIGINT)  # what the terminal sends for Ctrl-C (the pty is not its tty)
+    term.ctrl_c()
     assert term.wait() == 0
     assert "Traceback" not in term.raw and "KeyboardInterrupt" not in term.raw
 
