@@ -65,7 +65,7 @@ class Example:
     input_ids: tuple[int, ...]  # encoder input, <= max_source
     decoder_input_ids: tuple[int, ...]  # [bos] + labels[:-1]
     labels: tuple[int, ...]  # [strategy token] + response + [eos], <= max_target + 1
-    strategy: int  # class id 0..7
+    strategy: int | None  # class id 0..7; None for a language-model example (star_training.corpus)
     situation: str
     context: tuple[str, ...]  # earlier utterances, oldest first, without strategy tokens
     response: str
@@ -242,7 +242,8 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-padded batch tensors, all int64.
 
     input_ids, attention_mask: (B, S); decoder_input_ids, decoder_attention_mask, labels: (B, T),
-    labels padded with -100 (ignored by cross-entropy); strategy: (B,) class ids 0..7.
+    labels padded with -100 (ignored by cross-entropy); strategy: (B,) class ids 0..7, absent for
+    language-model examples (strategy None).
     """
     if not examples:
         raise ValueError("collate needs at least one example")
@@ -253,14 +254,19 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
 
     sources = [e.input_ids for e in examples]
     targets = [e.decoder_input_ids for e in examples]
-    return {
+    batch = {
         "input_ids": pad(sources, pad_id),
         "attention_mask": pad([(1,) * len(s) for s in sources], 0),
         "decoder_input_ids": pad(targets, pad_id),
         "decoder_attention_mask": pad([(1,) * len(t) for t in targets], 0),
         "labels": pad([e.labels for e in examples], -100),
-        "strategy": torch.tensor([e.strategy for e in examples], dtype=torch.long),
     }
+    strategies = [e.strategy for e in examples]
+    if any(s is None for s in strategies):
+        if any(s is not None for s in strategies):
+            raise ValueError("a batch mixes examples with and without a strategy")
+        return batch  # language-model examples: no strategy target
+    return batch | {"strategy": torch.tensor(strategies, dtype=torch.long)}
 
 
 def dataset_stats(conversations: list[Conversation]) -> dict[str, object]:

@@ -215,19 +215,20 @@ class TrainableParameters(NamedTuple):
 def trainable_parameters_for_stage(model: StarForConditionalGeneration, stage: int | str) -> TrainableParameters:
     """Freeze all but what `stage` trains, switch STAR on or off, print and return the counts.
 
+    stage 0:        the whole base, STAR bypassed (dialogue pretraining, language-model loss only).
     stage 1:        the whole base, STAR bypassed (BlenderBot-Joint).
     stage 2:        only STAR and the shared token embedding (tied with the LM head), STAR on.
     stage "single": everything, STAR on.
     """
-    if stage == 1:
+    if stage in (0, 1):
         chosen = list(model.base.parameters())
     elif stage == 2:
         chosen = [*model.star.parameters(), model.base.get_input_embeddings().weight]
     elif stage == "single":
         chosen = list(model.parameters())
     else:
-        raise ValueError(f"stage must be 1, 2 or 'single', not {stage!r}")
-    model.star_config.use_star = stage != 1
+        raise ValueError(f"stage must be 0, 1, 2 or 'single', not {stage!r}")
+    model.star_config.use_star = stage not in (0, 1)
     model.requires_grad_(False)
     for p in chosen:
         p.requires_grad_(True)

@@ -159,10 +159,12 @@ def plot_curves(log_path: Path, png_path: Path) -> None:
     valid = [r for r in records if r["kind"] == "valid"]
     fig, (ax_loss, ax_lr, ax_lam) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
     steps = [r["step"] for r in train]
-    for key in ("loss", "loss_lm", "loss_st"):
+    strategy = any(r["lambda"] > 0 for r in train)  # stage 0 has no strategy target
+    for key in ("loss", "loss_lm", "loss_st") if strategy else ("loss_lm",):
         ax_loss.plot(steps, [r[key] for r in train], label=f"train {key}", linewidth=0.8)
     for key in ("loss_lm", "loss_st"):
-        ax_loss.plot([r["step"] for r in valid], [r[key] for r in valid], "o-", label=f"valid {key}")
+        if valid and key in valid[0]:
+            ax_loss.plot([r["step"] for r in valid], [r[key] for r in valid], "o-", label=f"valid {key}")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=8)
     ax_lr.plot(steps, [r["lr"] for r in train])

@@ -6,6 +6,7 @@ The gold strategy token is the decoder's second input (`__start__ [strategy] r_1
     PPL     = exp(loss_lm)
     loss_st = mean CE of the strategy logits at position 0 against the gold strategy
     strategy_accuracy = % of argmax strategy logits equal to gold (x100)
+(the last two only for examples with a strategy: language-model examples score loss_lm and ppl)
 
 Position 0 reads only `__start__` and the encoder, so its argmax is the strategy that decoding
 would predict.
@@ -46,16 +47,12 @@ def teacher_forced_scores(
                 out = model(**batch)
             nll += out.nll_sum.float().item()
             tokens += int(out.n_tokens)
-            st += out.loss_st.float().item() * batch["strategy"].numel()
-            correct += int((out.strategy_logits.argmax(-1) == batch["strategy"]).sum())
+            if out.loss_st is not None:
+                st += out.loss_st.float().item() * batch["strategy"].numel()
+                correct += int((out.strategy_logits.argmax(-1) == batch["strategy"]).sum())
     finally:
         model.train(was_training)
-    return {
-        "loss_lm": nll / tokens,
-        "ppl": perplexity(nll, tokens),
-        "loss_st": st / len(examples),
-        "strategy_accuracy": 100.0 * correct / len(examples),
-        "nll_sum": nll,
-        "tokens": tokens,
-        "examples": len(examples),
-    }
+    scores = {"loss_lm": nll / tokens, "ppl": perplexity(nll, tokens)}
+    if examples[0].strategy is not None:
+        scores |= {"loss_st": st / len(examples), "strategy_accuracy": 100.0 * correct / len(examples)}
+    return scores | {"nll_sum": nll, "tokens": tokens, "examples": len(examples)}

@@ -1,5 +1,8 @@
 """star-train: fine-tune BlenderBot-Small with STAR on ESConv (SPEC section 1).
 
+    star-train --stage 0 --preset compact --corpus chitchat --corpus esconv-train \
+        --precision bf16 --length-buckets --out ~/star-runs/pretrain                # dialogue pretraining
+    star-train --stage 1 --init ~/star-runs/pretrain/last --out runs/joint           # then fine-tune
     star-train --stage 1 --base facebook/blenderbot_small-90M --out runs/joint      # BlenderBot-Joint
     star-train --stage 2 --init runs/joint/best --out runs/star                     # + STAR
     star-train --stage single --preset tiny --epochs 4 --max-steps 5 --out /tmp/t   # a smoke run
@@ -41,12 +44,13 @@ from star_training.config import PRESETS
 from star_training.distributed import barrier, setup, teardown
 from star_training.progress import is_training_log
 from star_training.run_state import find_run_checkpoint, load_trainer_state, recover_run_folder
-from star_training.trainer import BEST, CURVES, LAST, LOG, TrainConfig, Trainer, lambda_for_epoch
+from star_training.trainer import BEST, CURVES, LAST, LOG, PRECISIONS, TrainConfig, Trainer, lambda_for_epoch
 
 PROG = "star-train"
 HUB_BASE = "facebook/blenderbot_small-90M"
 DEFAULTS = {f.name: f.default for f in fields(TrainConfig) if f.name not in ("out", "data", "tokenizer")}
-RESUMABLE = {"max_steps", "device", "log_every"}  # may change on --resume without changing the result
+RESUMABLE = {"max_steps", "device", "log_every", "save_every"}  # may change on --resume, same result
+STAGE0_CORPORA = ["chitchat", "esconv-train"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,9 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     # the real defaults are TrainConfig's, shown in the help.
     d = DEFAULTS
     run = p.add_argument_group("run")
-    run.add_argument("--stage", choices=("1", "2", "single"), default=None,
-                     help="1: BlenderBot-Joint (STAR bypassed); 2: train only STAR and the shared embedding, "
+    run.add_argument("--stage", choices=("0", "1", "2", "single"), default=None,
+                     help="0: dialogue pretraining on --corpus conversations (language-model loss only, STAR "
+                     "bypassed); 1: BlenderBot-Joint (STAR bypassed); 2: train only STAR and the shared embedding, "
                      "from a stage-1 --init; single: everything with STAR (default: 1)")
+    run.add_argument("--corpus", action="append", default=None, metavar="SOURCE",
+                     help="stage 0's conversations, repeatable: chitchat (the chitchat-dataset package), "
+                     "esconv-train (every utterance of --data's train split) or a JSON Lines file of "
+                     "{\"turns\": [[speaker, text], ...]} (default: chitchat and esconv-train)")
     src = run.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=tuple(PRESETS), default=None, help="random initialisation of this size")
     src.add_argument("--base", default=None,
@@ -70,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     run.add_argument("--max-steps", type=positive_int, default=None,
                      help="stop after this many optimizer steps in all (the schedule still spans --epochs)")
+    run.add_argument("--save-every", type=positive_float, default=None, metavar="MINUTES",
+                     help=f"also write OUT/last every this many minutes within an epoch (default: {d['save_every']})")
+    run.add_argument("--precision", choices=PRECISIONS, default=None,
+                     help="autocast of the forward passes: auto is bf16 on CUDA and float32 on the CPU (default: auto)")
     run.add_argument("--log-every", type=positive_int, default=None,
                      help=f"plain-text progress line every N steps when not on a terminal (default: {d['log_every']})")
 
@@ -98,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--max-target", type=positive_int, default=None, help=f"(default: {d['max_target']})")
     data.add_argument("--no-situation", action="store_true",
                       help="leave the situation out of the context (thu-coai BlenderBot-Joint parity)")
+    data.add_argument("--length-buckets", action="store_true", default=None,
+                      help="cut micro-batches from length-sorted runs of the shuffled examples (less padding)")
     return p
 
 
@@ -106,6 +121,8 @@ def _given(args: argparse.Namespace) -> dict:
     given = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k in DEFAULTS and v is not None}
     if args.no_situation:
         given["use_situation"] = False
+    if args.corpus is not None:
+        given["corpora"] = [str(Path(c).resolve()) if Path(c).is_file() else c for c in args.corpus]
     return given
 
 
@@ -125,6 +142,10 @@ def _fresh_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
     stage = given.get("stage", DEFAULTS["stage"])
     if stage == "2" and args.init is None:
         raise CliError("--stage 2 trains STAR on a stage-1 model: give its checkpoint with --init")
+    if stage == "0":
+        given.setdefault("corpora", STAGE0_CORPORA)
+    elif "corpora" in given:
+        raise CliError("--corpus names stage 0's pretraining conversations; stages 1, 2 and single train on --data")
     if not (args.preset or args.base or args.init):
         given["base"] = HUB_BASE
     for key in ("init", "base"):  # absolute, so that --resume from elsewhere finds them
@@ -142,7 +163,7 @@ def _fresh_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
         out=str(out.resolve()), data=str(resolve_data_path(args.data).resolve()),
         tokenizer=str(_tokenizer_dir(args).resolve()), **given,
     )
-    lam = lambda_for_epoch(cfg.epochs, cfg.epochs, cfg.lambda0)
+    lam = 0.0 if cfg.stage == "0" else lambda_for_epoch(cfg.epochs, cfg.epochs, cfg.lambda0)
     if lam > 1:
         raise CliError(
             f"with --epochs {cfg.epochs} and --lambda0 {cfg.lambda0}, lambda reaches {lam:.2f} > 1 in the last epoch, "
@@ -188,6 +209,7 @@ def _resumed_config(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     if changed:
         raise CliError("--resume continues a run with its own settings; these differ: " + ", ".join(changed))
     saved.update(out=str(out.resolve()), max_steps=given.get("max_steps"),
+                 save_every=given.get("save_every", saved.get("save_every", DEFAULTS["save_every"])),
                  device=given.get("device", DEFAULTS["device"]), log_every=given.get("log_every", DEFAULTS["log_every"]))
     return TrainConfig(**saved), found
 

@@ -1,10 +1,11 @@
-"""The training loop of star-train: one process or a torchrun group, stage 1, 2 or single.
+"""The training loop of star-train: one process or a torchrun group, stage 0, 1, 2 or single.
 
 Objective per optimizer step, over the GLOBAL batch G (all micro-batches of all ranks):
 
     L = (1 - lambda(E)) * sum_G NLL / tokens_G  +  lambda(E) * sum_G CE_strategy / |G|
 
-with lambda(E) = lambda0 log(E + 1) / log(E_max) (`losses.dynamic_lambda`). Both sums are
+with lambda(E) = lambda0 log(E + 1) / log(E_max) (`losses.dynamic_lambda`); stage 0 (dialogue
+pretraining on `--corpus` conversations, star_training.corpus) has no strategy target: lambda = 0. Both sums are
 normalised by the global counts (all-reduced before the backward pass), so splitting G into
 micro-batches or ranks changes nothing but float summation order: 1 process x 2 micro-batches
 and 2 processes x 1 micro-batch take the same step. Each rank's backward uses its share times
@@ -14,13 +15,18 @@ the world size, because DDP averages gradients over the ranks.
 
 Data order: DistributedSampler with the run's seed and `set_epoch(E)`: one permutation of the
 training examples per epoch, a pure function of (seed, E); rank r takes every world-th index.
-A resumed run rebuilds the same order and skips the steps already taken.
+A resumed run rebuilds the same order and skips the steps already taken. With length buckets,
+each run of LENGTH_BUCKET micro-batches of that permutation is sorted by length before it is cut,
+and the micro-batches are then shuffled (by seed and E): less padding, the same examples per epoch.
+Checkpoints: OUT/last at every epoch's end and every --save-every minutes, so a stopped run loses
+minutes, not an epoch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import io
+import random
 import signal
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +43,7 @@ from star_runtime.terminal import printable
 from star_runtime.tokenizer import Tokenizer
 from star_training.checkpoint import RUN_BEST, RUN_LAST, STAR_CONFIG_FILE, CheckpointError, load_model
 from star_training.config import StarConfig
+from star_training.corpus import build_lm_examples, read_corpus, read_esconv
 from star_training.data import DataError, Example, build_examples, collate, load_conversations
 from star_training.distributed import DistContext, all_reduce_sum, barrier
 from star_training.losses import dynamic_lambda
@@ -54,6 +61,8 @@ from star_training.schedule import linear_schedule
 from star_training.teacher_forced import teacher_forced_scores
 
 LAST, BEST, LOG, CURVES = RUN_LAST, RUN_BEST, "log.jsonl", "curves.png"
+LENGTH_BUCKET = 64  # micro-batches sorted together: random batches of 16 on stage 0's data are 20% padding
+PRECISIONS = ("auto", "float32", "bf16")
 
 
 @dataclass
@@ -63,7 +72,7 @@ class TrainConfig:
     out: str
     data: str
     tokenizer: str
-    stage: str = "1"  # "1": BlenderBot-Joint; "2": STAR + embedding only; "single": all, STAR on
+    stage: str = "1"  # "0": dialogue pretraining; "1": BlenderBot-Joint; "2": STAR + embedding; "single": all
     preset: str | None = None  # exactly one of preset / base / init names the starting weights
     base: str | None = None
     init: str | None = None
@@ -85,6 +94,10 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps (schedule unchanged)
     log_every: int = 10
     device: str = "auto"
+    corpora: list[str] | None = None  # stage 0: star_training.corpus sources
+    precision: str = "auto"  # autocast: "auto" is bf16 on CUDA, float32 on the CPU
+    length_buckets: bool = False
+    save_every: float = 10.0  # minutes between OUT/last checkpoints within an epoch
 
     def grad_accum(self, world_size: int) -> int:
         per_step = self.batch_size * world_size
@@ -99,6 +112,13 @@ class TrainConfig:
 def lambda_for_epoch(epoch: int, epochs: int, lambda0: float) -> float:
     """dynamic_lambda; a one-epoch run (log E_max = 0 leaves it undefined) uses lambda0."""
     return lambda0 if epochs == 1 else dynamic_lambda(epoch, epochs, lambda0)
+
+
+def autocast_for(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward passes' autocast: bf16 where asked (or on CUDA for "auto"), else none."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def stage_key(stage: str) -> int | str:
@@ -138,11 +158,21 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, resume_dir: Path | None) -> St
     return model
 
 
-def epoch_steps(sampler: DistributedSampler, epoch: int, micro: int, accum: int) -> list[list[list[int]]]:
-    """This rank's optimizer steps of one epoch, each a list of micro-batches of example indices."""
+def epoch_steps(
+    sampler: DistributedSampler, epoch: int, micro: int, accum: int, lengths: list[int] | None = None
+) -> list[list[list[int]]]:
+    """This rank's optimizer steps of one epoch, each a list of micro-batches of example indices.
+
+    With `lengths` (one per example), micro-batches are cut from length-sorted runs of
+    LENGTH_BUCKET micro-batches of the permutation and then shuffled (module doc)."""
     sampler.set_epoch(epoch)
     order = list(sampler)
+    if lengths is not None:
+        size = micro * LENGTH_BUCKET
+        order = [i for k in range(0, len(order), size) for i in sorted(order[k : k + size], key=lengths.__getitem__)]
     micro_batches = [order[i : i + micro] for i in range(0, len(order), micro)]
+    if lengths is not None:
+        random.Random(f"{sampler.seed}/{epoch}").shuffle(micro_batches)
     return [micro_batches[i : i + accum] for i in range(0, len(micro_batches), accum)]
 
 
@@ -179,16 +209,25 @@ class Trainer:
         self.tok = Tokenizer.from_dir(tok_dir)
 
         def examples(split: str) -> list[Example]:
-            found = build_examples(
-                load_conversations(cfg.data, split), self.tok,
-                max_source=cfg.max_source, max_target=cfg.max_target, use_situation=cfg.use_situation,
-            )
+            if cfg.stage == "0":  # every utterance of the corpora; validation: ESConv's valid split
+                dialogues = ([d for source in cfg.corpora or () for d in read_corpus(source, cfg.data)]
+                             if split == "train" else read_esconv(cfg.data, split, cfg.use_situation))
+                found = build_lm_examples(dialogues, self.tok, max_source=cfg.max_source, max_target=cfg.max_target)
+                what = f"the corpora {cfg.corpora}" if split == "train" else f"{cfg.data}'s {split} split"
+            else:
+                found = build_examples(
+                    load_conversations(cfg.data, split), self.tok,
+                    max_source=cfg.max_source, max_target=cfg.max_target, use_situation=cfg.use_situation,
+                )
+                what = f"{cfg.data}: the {split} split"
             if not found:
-                raise DataError(f"{cfg.data}: the {split} split has no supporter turn to learn from")
+                raise DataError(f"{what} has no turn to learn from")
             return found
 
         self.train_examples = examples("train")
         self.valid_examples = examples("valid")
+        self.lengths = ([len(e.input_ids) + len(e.labels) for e in self.train_examples]
+                        if cfg.length_buckets else None)
 
         self.model = build_model(cfg, self.tok, resume_dir)
         quiet = contextlib.nullcontext() if ctx.is_main else contextlib.redirect_stdout(io.StringIO())
@@ -203,7 +242,7 @@ class Trainer:
         self.sampler = DistributedSampler(
             self.train_examples, num_replicas=ctx.world_size, rank=ctx.rank, shuffle=True, seed=cfg.seed
         )
-        self.steps_per_epoch = len(epoch_steps(self.sampler, 1, cfg.batch_size, self.accum))
+        self.steps_per_epoch = len(epoch_steps(self.sampler, 1, cfg.batch_size, self.accum, self.lengths))
         self.total_steps = cfg.epochs * self.steps_per_epoch
         self.optimizer = torch.optim.AdamW(
             self.trainable.params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), weight_decay=cfg.weight_decay
@@ -219,9 +258,8 @@ class Trainer:
             self.position = Position(**state["position"])
             rng = state["rng"]
             set_rng_state(rng[ctx.rank] if ctx.rank < len(rng) else rng[0], ctx.device)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
-        )
+        self.autocast = autocast_for(cfg.precision, ctx.device)
+        self._saved_at = time.monotonic()
         if ctx.device.type == "cuda":
             # Under bf16 autocast the decoder's final LayerNorm still outputs float32, and the fused
             # STAR kernel runs float32 only with TF32 allowed (with IEEE float32 dots it measured
@@ -237,13 +275,13 @@ class Trainer:
         t0 = time.perf_counter()
         batches = [collate([self.train_examples[i] for i in ix], self.tok.pad_id) for ix in micro_indices]
         counts = torch.tensor(  # on the CPU tensors, before they move: no device sync per item
-            [[(b["labels"][:, 1:] != IGNORE_INDEX).sum(), b["strategy"].numel(),
+            [[(b["labels"][:, 1:] != IGNORE_INDEX).sum(), b["labels"].shape[0],
               b["attention_mask"].sum() + b["decoder_attention_mask"].sum()] for b in batches],
             dtype=torch.float64,
         ).sum(0).to(self.ctx.device)
         batches = [{k: v.to(self.ctx.device, non_blocking=True) for k, v in b.items()} for b in batches]
         n_tokens, n_examples, n_seen = all_reduce_sum(counts, self.ctx).tolist()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)  # NLL, strategy CE, stop flag
+        sums = torch.zeros(4, dtype=torch.float64, device=self.ctx.device)  # NLL, strategy CE, stop, save due
         for i, batch in enumerate(batches):
             last = i == len(batches) - 1
             sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.ddp.no_sync()
@@ -251,7 +289,7 @@ class Trainer:
                 with self.autocast:
                     out = self.ddp(**batch)
                 nll = out.nll_sum.float()
-                st = out.loss_st.float() * batch["strategy"].numel()
+                st = out.loss_st.float() * batch["labels"].shape[0] if out.loss_st is not None else nll * 0
                 loss = ((1 - lam) * nll / n_tokens + lam * st / n_examples) * self.ctx.world_size
                 loss.backward()
             sums[0] += nll.detach().double()
@@ -262,7 +300,10 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         sums[2] = float(self._stop.requested)
-        nll_sum, st_sum, stop = all_reduce_sum(sums, self.ctx).tolist()
+        # rank 0's clock decides, so that every rank joins the same save
+        sums[3] = float(self.ctx.is_main and time.monotonic() - self._saved_at >= 60 * self.cfg.save_every)
+        nll_sum, st_sum, stop, save = all_reduce_sum(sums, self.ctx).tolist()
+        self.save_due = save > 0
         loss_lm, loss_st = nll_sum / n_tokens, st_sum / n_examples
         record = {
             "loss": (1 - lam) * loss_lm + lam * loss_st, "loss_lm": loss_lm, "loss_st": loss_st,
@@ -273,6 +314,7 @@ class Trainer:
 
     # -- checkpoints ---------------------------------------------------------------------------------
     def save_last(self) -> None:
+        self._saved_at = time.monotonic()
         rng = gather_rng_states(self.ctx)  # every rank takes part
         if self.ctx.is_main:
             save_run_checkpoint(
@@ -295,9 +337,10 @@ class Trainer:
                 self.position.best_val = scores["loss_lm"]
                 save_model_folder(self.out / BEST, self.model, self.tok, asdict(self.cfg))
             log.write({"kind": "valid", "epoch": epoch, "step": self.position.global_step, **scores, "best": improved})
+            strategy = (f", loss_st {scores['loss_st']:.4f}, strategy acc {scores['strategy_accuracy']:.1f}%"
+                        if "loss_st" in scores else "")
             display.message(
-                f"valid epoch {epoch}: loss_lm {scores['loss_lm']:.4f} (PPL {scores['ppl']:.2f}), "
-                f"loss_st {scores['loss_st']:.4f}, strategy acc {scores['strategy_accuracy']:.1f}%"
+                f"valid epoch {epoch}: loss_lm {scores['loss_lm']:.4f} (PPL {scores['ppl']:.2f}){strategy}"
                 + (" (best so far)" if improved else "")
             )
         best = torch.tensor([self.position.best_val], dtype=torch.float64, device=self.ctx.device)
@@ -338,8 +381,8 @@ class Trainer:
         cfg, pos = self.cfg, self.position
         self.model.train()
         while pos.epoch <= cfg.epochs:
-            lam = lambda_for_epoch(pos.epoch, cfg.epochs, cfg.lambda0)
-            steps = epoch_steps(self.sampler, pos.epoch, cfg.batch_size, self.accum)
+            lam = 0.0 if cfg.stage == "0" else lambda_for_epoch(pos.epoch, cfg.epochs, cfg.lambda0)
+            steps = epoch_steps(self.sampler, pos.epoch, cfg.batch_size, self.accum, self.lengths)
             while pos.step_in_epoch < len(steps):
                 record, stop = self.train_step(steps[pos.step_in_epoch], lam)
                 pos.step_in_epoch += 1
@@ -359,6 +402,8 @@ class Trainer:
                     self.save_last()
                     self._say(f"stopped at --max-steps {cfg.max_steps}; checkpoint saved to {self.out / LAST}")
                     return EXIT_OK
+                if self.save_due and pos.step_in_epoch < len(steps):
+                    self.save_last()
             self.validate(pos.epoch, log, display)
             pos.epoch, pos.step_in_epoch = pos.epoch + 1, 0
             self.save_last()
