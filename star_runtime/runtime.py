@@ -7,6 +7,8 @@
     r = conv.reply("I can't sleep.", on_token=lambda piece: print(piece, end=""))
     r.text, r.strategy, r.strategy_probs, r.timings, r.escalated
 
+    conv = rt.conversation(situation="I lost my job.", history=saved)   # go on from conv.history()
+
     g = rt.generate(context_ids, do_sample=False, max_new_tokens=40, stop_at_eos=False)  # benchmarks
 
 One `Runtime` holds the graphs and weights once; each conversation holds only its history and,
