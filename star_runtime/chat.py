@@ -98,8 +98,10 @@ class ChatError(Exception):
 # --------------------------------------------------------------------------------------------
 
 
-def load_runtime(args: argparse.Namespace) -> Runtime:
-    """Open the bundle the arguments name, with their safety policy; failures become ChatError."""
+def load_runtime(args: argparse.Namespace, threads: int | None = None) -> Runtime:
+    """Open the bundle the arguments name (--model, --device, --safety-config, --locale), with
+    their safety policy and `threads` intra-op threads (None: one per core); failures become
+    ChatError. star-serve opens its bundle with this too."""
     if args.model is not None and not args.model.strip():
         raise ChatError("--model is empty: name a bundle folder, or leave --model out for the default bundle")
     path = None if args.model is None else Path(args.model).expanduser()
@@ -108,7 +110,7 @@ def load_runtime(args: argparse.Namespace) -> Runtime:
     except (OSError, ValueError) as err:  # SafetyConfigError names the file and the problem
         raise ChatError(f"{err}; fix the file, or leave --safety-config out for the built-in crisis lines") from None
     try:
-        return Runtime.load(path, device=args.device, safety=safety)
+        return Runtime.load(path, device=args.device, threads=threads, safety=safety)
     except DeviceError as err:  # says which device or export to use
         raise ChatError(str(err)) from None
     # BundleError is a ValueError whose message names the folder and the problem.

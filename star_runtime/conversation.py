@@ -22,21 +22,42 @@ Safety (star_runtime.safety), on every channel the same way:
 Either way the reply is `escalated`, `escalation` says what triggered it and its category, and the
 fixed text does not enter the model's context (its resource lines would fill the 160 tokens); the
 user's message does.
+
+History, for callers that keep no conversation object (a server, an app process that restarts):
+`history()` reads the messages back, and `Runtime.conversation(history=...)` rebuilds the
+conversation from them, so that its next reply reads the context a conversation that was never
+interrupted would read:
+
+    message                       {"role": "user" | "assistant", "content": str,
+                                   "strategy": label | None}       (strategy: assistant only, optional)
+    user                          its tokens (checked by the safety layer, as `reply` does)
+    assistant, a crisis reply     (its text is one of the policy's crisis replies) left out of the
+                                  context, as when it was given; the conversation is a crisis from there
+    assistant, a model reply      [strategy token] + its tokens; the strategy is the message's
+                                  "strategy", else predicted from the context before it (what
+                                  `reply` chose there: the strategy is the argmax, not sampled),
+                                  else (nothing before it) none
+
+A crisis in the history that no crisis reply of its category answered later in it (the situation,
+or an earlier user message: a history written elsewhere, or edited) is not passed over: the next
+reply is its crisis reply, trigger "situation" or "history". Of several, the first category of
+star_runtime.safety.CATEGORIES (a body in danger first). The sampling seed starts afresh: a
+rebuilt conversation gives the replies of a new one with that seed on the same context.
 """
 
 from __future__ import annotations
 
 import time
 import unicodedata
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from star_runtime.decoding import generate
 from star_runtime.detok import readable
-from star_runtime.safety import SafetyVerdict
+from star_runtime.safety import CATEGORIES, SafetyVerdict
 from star_runtime.safety.stream import ScreenedStream
 from star_runtime.sampling import SamplingParams
 
@@ -44,7 +65,9 @@ if TYPE_CHECKING:
     from star_runtime.runtime import Runtime
 
 
-TRIGGERS = ("user_message", "situation", "model_reply")
+# "history": an earlier user message of a rebuilt conversation that no crisis reply answered.
+TRIGGERS = ("user_message", "situation", "model_reply", "history")
+ROLES = ("user", "assistant")
 
 
 @dataclass(frozen=True)
@@ -109,39 +132,59 @@ def clean_message(text: object) -> str:
 
 
 class Conversation:
-    """History and decoding settings of one conversation. Not for sharing across threads."""
+    """History and decoding settings of one conversation. Not for sharing across threads.
+
+    history: messages to rebuild the conversation from (module docstring, "History"); ValueError
+    or TypeError naming the message (`history[3]: ...`) for one that cannot be used.
+    """
 
     def __init__(self, runtime: Runtime, situation: str | None, seed: int | None, params: SamplingParams,
-                 max_new_tokens: int) -> None:
+                 max_new_tokens: int, history: Sequence[Mapping[str, Any]] = ()) -> None:
         if situation is not None and not isinstance(situation, str):
             raise TypeError(f"situation must be text or None, not {type(situation).__name__}")
         self.runtime, self.params, self.max_new_tokens = runtime, params, max_new_tokens
+        self.situation = situation
         self.rng = np.random.default_rng(seed)
         self.max_source = int(runtime.manifest["generation"]["max_source_length"])
         self._items: list[list[int]] = []
+        self._messages: list[dict[str, Any]] = []  # what history() returns
         self._crisis: str | None = None  # the category of the latest escalation, if any
-        self._pending: Reply | None = None  # the situation's crisis reply, not yet delivered
+        self._pending: Reply | None = None  # a crisis reply not yet delivered (the situation's, or the history's)
         if situation is not None and not _blank(situation):
             verdict = runtime.safety.check_user(situation)
             if verdict.escalate:
                 self._pending = self._escalated(Escalation.of("situation", verdict), time.perf_counter())
             self._items.append(runtime.tokenizer.encode(clean_message(situation)))
+        if history:
+            self._rebuild(history)
 
     @property
     def crisis_category(self) -> str | None:
         """The category of this conversation's latest escalation (None: none so far)."""
         return self._crisis
 
+    def history(self) -> list[dict[str, Any]]:
+        """The messages so far, oldest first, for `Runtime.conversation(history=...)` (module
+        docstring): {"role": "user", "content"} as the person wrote it, {"role": "assistant",
+        "content", "strategy"} as the person was shown it (strategy None for a crisis reply).
+        The situation is not among them: it is `self.situation`."""
+        return [dict(m) for m in self._messages]
+
     def situation_reply(self) -> Reply | None:
-        """The crisis reply for a situation in crisis, once (then None). An app shows it at the
-        start; if it does not ask, the first `reply` returns it instead of the model's reply."""
+        """The crisis reply for a situation in crisis (or a rebuilt history's unanswered crisis),
+        once (then None). An app shows it at the start; if it does not ask, the first `reply`
+        returns it instead of the model's reply."""
         pending, self._pending = self._pending, None
+        if pending is not None:
+            self._messages.append({"role": "assistant", "content": pending.text, "strategy": None})
         return pending
 
-    def context_ids(self) -> list[int]:
-        """The encoder input for the next reply: the items joined by __end__, last 160 tokens."""
+    def context_ids(self, message: str | None = None) -> list[int]:
+        """The encoder input for the next reply: the items joined by __end__, last 160 tokens;
+        with `message` (the next user message, cleaned), the input the reply to it reads."""
         eos = self.runtime.manifest["special_ids"]["eos"]
-        joined = [i for item in self._items for i in (*item, eos)][:-1]
+        items = self._items if message is None else [*self._items, self.runtime.tokenizer.encode(message)]
+        joined = [i for item in items for i in (*item, eos)][:-1]
         return joined[-self.max_source:]
 
     def _remember(self, item: list[int]) -> None:
@@ -151,14 +194,55 @@ class Conversation:
         while len(self._items) > 1 and total - (len(self._items[0]) + 1) >= self.max_source:
             total -= len(self._items.pop(0)) + 1
 
-    def _escalated(self, escalation: Escalation, start: float, model: tuple | None = None) -> Reply:
-        """The crisis reply for `escalation`; the conversation is screened as a crisis from now on.
-        model: (strategy, probs, tokens) when the model ran and its reply was replaced."""
-        self._crisis = escalation.category
+    def _crisis_reply(self, escalation: Escalation, start: float, model: tuple | None = None) -> Reply:
+        """The crisis reply for `escalation`. model: (strategy, probs, tokens) when the model ran
+        and its reply was replaced."""
         text = self.runtime.safety.crisis_reply(escalation.category)
         strategy, probs, tokens = model if model is not None else (None, {}, ())
         return Reply(text, strategy, probs, {"reply_ms": (time.perf_counter() - start) * 1e3}, escalated=True,
                      tokens=tokens, escalation=escalation)
+
+    def _escalated(self, escalation: Escalation, start: float, model: tuple | None = None) -> Reply:
+        """The crisis reply for `escalation`; the conversation is screened as a crisis from now on."""
+        self._crisis = escalation.category
+        return self._crisis_reply(escalation, start, model)
+
+    def _check(self, text: str, start: float) -> tuple[str, Reply | None]:
+        """The cleaned message, and the crisis reply it gets instead of the model's (or None).
+
+        A crisis in the message wins over one still pending (the situation's, the history's)
+        unless the pending one's category comes first in CATEGORIES (a body in danger first).
+        Changes nothing."""
+        cleaned = clean_message(text)  # ValueError for no text, a blank one or binary data
+        # The check reads the message as written: the readings in safety.text undo escape
+        # codes and control characters that clean_message turns into spaces.
+        verdict = self.runtime.safety.check_user(text)
+        pending = self._pending
+        if verdict.escalate:
+            escalation = Escalation.of("user_message", verdict)
+            if pending is None or CATEGORIES.index(escalation.category) <= CATEGORIES.index(
+                    pending.escalation.category):
+                return cleaned, self._crisis_reply(escalation, start)
+        return cleaned, pending
+
+    def strategy(self, text: str) -> Reply:
+        """What `reply(text)` would choose, without decoding a reply or changing the conversation.
+
+        The same checks as `reply`: a crisis gives the crisis Reply (escalated, strategy None);
+        else a Reply with empty text, the predicted strategy and the model's distribution over
+        the strategies (STAR as a strategy classifier for another model)."""
+        start = time.perf_counter()
+        cleaned, crisis = self._check(text, start)
+        if crisis is not None:
+            return crisis
+        strategy, probs, timings = self._predict(self.context_ids(cleaned))
+        return Reply("", strategy, probs, {**timings, "reply_ms": (time.perf_counter() - start) * 1e3})
+
+    def _predict(self, context: list[int]) -> tuple[str, dict[str, float], dict[str, float]]:
+        """The strategy for `context` (encoder and decoder position 0 only), its distribution, timings."""
+        gen = generate(self.runtime.engine, context, self.params, max_new_tokens=0)
+        labels = self.runtime.manifest["strategies"]["labels"]
+        return labels[gen.strategy], dict(zip(labels, map(float, gen.strategy_probs))), gen.timings.as_dict()
 
     def reply(self, text: str, on_token: Callable[[str], bool | None] | None = None) -> Reply:
         """Answer one user message. on_token(piece) gets the reply's text as it is generated, only
@@ -166,16 +250,14 @@ class Conversation:
         ValueError for an empty message or binary data."""
         start = time.perf_counter()
         rt = self.runtime
-        cleaned = clean_message(text)  # ValueError for no text, a blank one or binary data
-        # The check reads the message as written: the readings in safety.text undo escape
-        # codes and control characters that clean_message turns into spaces.
-        verdict = rt.safety.check_user(text)
+        cleaned, crisis = self._check(text, start)
         self._remember(rt.tokenizer.encode(cleaned))
-        if verdict.escalate:
+        self._messages.append({"role": "user", "content": text})
+        if crisis is not None:
             self._pending = None
-            return self._escalated(Escalation.of("user_message", verdict), start)
-        if self._pending is not None:
-            return self.situation_reply()
+            self._crisis = crisis.escalation.category
+            self._messages.append({"role": "assistant", "content": crisis.text, "strategy": None})
+            return crisis
 
         stream = rt.tokenizer.create_stream()
         screen = ScreenedStream(rt.safety, on_token, crisis_category=self._crisis, render=readable)
@@ -193,8 +275,69 @@ class Conversation:
         labels = rt.manifest["strategies"]["labels"]
         probs = dict(zip(labels, map(float, gen.strategy_probs)))
         if verdict.escalate:
-            return self._escalated(Escalation.of("model_reply", verdict), start,
-                                   (labels[gen.strategy], probs, tuple(gen.tokens)))
+            reply = self._escalated(Escalation.of("model_reply", verdict), start,
+                                    (labels[gen.strategy], probs, tuple(gen.tokens)))
+            self._messages.append({"role": "assistant", "content": reply.text, "strategy": None})
+            return reply
         self._remember([rt.manifest["strategies"]["token_ids"][gen.strategy], *gen.tokens])
+        self._messages.append({"role": "assistant", "content": reply_text, "strategy": labels[gen.strategy]})
         timings = {**gen.timings.as_dict(), "reply_ms": (time.perf_counter() - start) * 1e3}
         return Reply(reply_text, labels[gen.strategy], probs, timings, tokens=tuple(gen.tokens))
+
+    # -- rebuilding from a history (module docstring, "History") --------------------------------
+
+    def _rebuild(self, history: Sequence[Mapping[str, Any]]) -> None:
+        rt = self.runtime
+        if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Sequence):
+            raise TypeError(f"history must be a list of messages, not {type(history).__name__}")
+        start = time.perf_counter()
+        labels = rt.manifest["strategies"]["labels"]
+        # Which category each crisis reply answers (two categories may share a text).
+        crisis_texts: dict[str, set[str]] = {}
+        for category in CATEGORIES:
+            crisis_texts.setdefault(rt.safety.crisis_reply(category).strip(), set()).add(category)
+        unanswered: list[Escalation] = [] if self._pending is None else [self._pending.escalation]
+        self._pending = None
+        for i, message in enumerate(history):
+            role, content, strategy = _message(message, i, labels)
+            try:
+                cleaned = clean_message(content)
+            except ValueError as err:
+                raise ValueError(f"history[{i}]: {err}") from None
+            if role == "user":
+                verdict = rt.safety.check_user(content)
+                if verdict.escalate:
+                    unanswered.append(Escalation.of("history", verdict))
+                    self._crisis = verdict.category
+                self._remember(rt.tokenizer.encode(cleaned))
+            elif (answered := crisis_texts.get(content.strip())) is not None:
+                unanswered = [e for e in unanswered if e.category not in answered]
+                self._crisis = next(c for c in CATEGORIES if c in answered)
+                strategy = None  # the safety layer's, not the model's
+            else:
+                if strategy is None and self._items:
+                    strategy = self._predict(self.context_ids())[0]
+                tokens = rt.tokenizer.encode(cleaned)
+                if strategy is not None:
+                    tokens.insert(0, rt.manifest["strategies"]["token_ids"][labels.index(strategy)])
+                self._remember(tokens)
+            self._messages.append({"role": role, "content": content}
+                                  | ({"strategy": strategy} if role == "assistant" else {}))
+        if unanswered:
+            first = min(unanswered, key=lambda e: CATEGORIES.index(e.category))  # min keeps the earliest of a tie
+            self._pending = self._escalated(first, start)
+
+
+def _message(message: object, i: int, labels: Sequence[str]) -> tuple[str, str, str | None]:
+    """(role, content, strategy) of history[i], or TypeError / ValueError naming it."""
+    if not isinstance(message, Mapping):
+        raise TypeError(f"history[{i}] must be a mapping with \"role\" and \"content\", not {type(message).__name__}")
+    role, content, strategy = message.get("role"), message.get("content"), message.get("strategy")
+    if role not in ROLES:
+        raise ValueError(f"history[{i}]: role must be one of {', '.join(ROLES)}, not {role!r}")
+    if not isinstance(content, str):
+        raise TypeError(f"history[{i}]: content must be text, not {type(content).__name__}")
+    if strategy is not None and (role != "assistant" or strategy not in labels):
+        raise ValueError(f"history[{i}]: strategy must be one of the bundle's strategies ({', '.join(labels)}) "
+                         f"on an assistant message, not {strategy!r}")
+    return role, content, strategy

@@ -7,6 +7,8 @@
     r = conv.reply("I can't sleep.", on_token=lambda piece: print(piece, end=""))
     r.text, r.strategy, r.strategy_probs, r.timings, r.escalated
 
+    conv = rt.conversation(situation="I lost my job.", history=saved)   # go on from conv.history()
+
     g = rt.generate(context_ids, do_sample=False, max_new_tokens=40, stop_at_eos=False)  # benchmarks
 
 One `Runtime` holds the graphs and weights once; each conversation holds only its history and,
@@ -20,7 +22,7 @@ $STAR_BUNDLE, else the one installed with the package, star_runtime/data/default
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -113,13 +115,22 @@ class Runtime:
         return SamplingParams.from_manifest(self.manifest["generation"], **overrides)
 
     def conversation(self, situation: str | None = None, seed: int | None = None, *,
-                     do_sample: bool | None = None, max_new_tokens: int | None = None) -> Conversation:
+                     do_sample: bool | None = None, max_new_tokens: int | None = None,
+                     sampling: SamplingParams | None = None,
+                     history: Sequence[Mapping[str, Any]] = ()) -> Conversation:
         """A new conversation. seed: the sampling seed (same seed and messages, same replies).
 
         do_sample: False for greedy replies (default: the bundle's, the paper's sampling).
+        sampling: all the decoding options at once (`rt.sampling(temperature=...)`), instead of
+        do_sample. history: the messages of an earlier conversation to go on from (a saved
+        `Conversation.history()`; star_runtime.conversation, "History"): its user messages are
+        checked by the safety layer as they were when they were sent.
         """
+        if sampling is not None and do_sample is not None:
+            raise ValueError("pass do_sample or sampling, not both (sampling=rt.sampling(do_sample=...))")
         n = self.manifest["generation"]["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-        return Conversation(self, situation, seed, self.sampling(do_sample=do_sample), n)
+        params = sampling if sampling is not None else self.sampling(do_sample=do_sample)
+        return Conversation(self, situation, seed, params, n, history)
 
     def generate(self, context_ids: Sequence[int] | np.ndarray, *, do_sample: bool = False,
                  max_new_tokens: int = 40, min_new_tokens: int = 0, stop_at_eos: bool = True,

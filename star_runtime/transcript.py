@@ -7,7 +7,7 @@ script reading either sees the same keys:
      "escalation": {"trigger", "category", "signal"} | null, "timings": {name: ms or count}}
 
 (strategy null and strategy_probs empty: the safety layer answered and the model did not run.
-escalation: what triggered it (user_message, situation or model_reply), the category whose
+escalation: what triggered it (user_message, situation, model_reply or history), the category whose
 resources were given, and the rules section that matched; the matched words are left out.)
 
 A transcript file (written only on `/save FILE`):

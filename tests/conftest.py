@@ -63,3 +63,16 @@ def bundle_int8(tmp_path_factory, tokenizer_dir) -> Path:
 @pytest.fixture(scope="module")
 def rt(bundle) -> Runtime:
     return Runtime.load(bundle, threads=1)
+
+
+# The trained default bundle installed with the package (not $STAR_BUNDLE): its replies are
+# English, so a reply's text encodes back to its tokens, which the tiny bundle's random words
+# do not always do. Needs no torch and no shared data.
+@pytest.fixture(scope="session")
+def shipped_bundle() -> Path:
+    return REPO / "star_runtime" / "data" / "default_bundle"
+
+
+@pytest.fixture(scope="module")
+def shipped_rt(shipped_bundle) -> Runtime:
+    return Runtime.load(shipped_bundle, threads=1)

@@ -77,3 +77,31 @@ def test_bad_options_are_one_clear_line(args: list[str], message: str) -> None:
     assert proc.returncode in (1, 2)
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+SERVE_BENCH = REPO / "benchmarks" / "serve.py"
+
+
+def test_serve_benchmark_quick_run_reports_every_level(tmp_path: Path, bundle_int8: Path) -> None:
+    """benchmarks/serve.py --quick on the tiny int8 bundle: the direct baseline and each concurrency
+    level through a real star-serve, every field there. No timing value is asserted."""
+    pytest.importorskip("uvicorn")
+    out = tmp_path / "serve.json"
+    proc = subprocess.run([sys.executable, str(SERVE_BENCH), "--quick", "--bundle", str(bundle_int8), "--threads", "1",
+                           "--out-json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert [(r["path"], r["batching"], r["clients"]) for r in rows] == [
+        ("direct", "-", 1), ("star-serve", "off", 1), ("star-serve", "off", 2)]
+    for r in rows:
+        assert r["precision"] == "int8" and r["requests"] == 2 * r["clients"]  # 2 turns each (1 direct conversation)
+        assert is_number(r["tokens_per_s"]) and r["tokens"] > 0
+        for key in ("reply_ms", "ttft_ms"):
+            assert is_number(r[key]["median"]) and is_number(r[key]["p95"]), (r, key)
+    assert is_number(rows[1]["server_vs_direct"])
+    assert result["machine"]["libraries"]["onnxruntime"] and result["settings"]["turns"] == 2
+    assert "| int8 | star-serve | off | 2 |" in proc.stdout
+    bad = subprocess.run([sys.executable, str(SERVE_BENCH), "--bundle", str(tmp_path)], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "not a bundle folder" in bad.stderr and "Traceback" not in bad.stderr

@@ -21,7 +21,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
-COMMANDS = {"star-chat": "star_runtime.chat", "star-train": "star_training.train_cli",
+COMMANDS = {"star-chat": "star_runtime.chat", "star-serve": "star_runtime.serve.cli", "star-train": "star_training.train_cli",
             "star-eval": "star_training.eval_cli", "star-analyze": "star_training.analyze_cli",
             "star-export": "star_export.cli"}
 BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
@@ -51,6 +51,7 @@ def test_every_command_answers_version(prog, tmp_path) -> None:
 def test_console_scripts_are_the_guarded_entry_points() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["star-chat"] == "star_runtime.chat:main"
+    assert scripts["star-serve"] == "star_runtime.serve.cli:main"
     for prog in ("star-train", "star-eval", "star-analyze", "star-export"):
         module, func = scripts[prog].split(":")
         assert module == "star_training.entry"
@@ -158,6 +159,9 @@ def test_runtime_only_venv_chats_and_the_training_commands_say_what_to_install(t
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
     heavy = run(str(bin_dir / "python"), "-c", "import importlib.util as u; print(u.find_spec('torch'))")
     assert heavy.stdout.strip() == "None"
+    serve = run("star-serve", "--port", "0")  # no serve extra: one line saying which to install
+    assert serve.returncode == 2 and "pip install 'star-esc[serve]'" in serve.stderr, serve.stderr
+    assert serve.stderr.count("\n") == 1 and "Traceback" not in serve.stderr
     for code in code_blocks("python"):
         done = run(str(bin_dir / "python"), "-c", code)
         assert done.returncode == 0, f"{code}\n{done.stderr}"

@@ -1,0 +1,7 @@
+"""`python -m star_runtime.serve`: star-serve."""
+
+import sys
+
+from star_runtime.serve.cli import main
+
+sys.exit(main())

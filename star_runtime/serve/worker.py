@@ -1,0 +1,144 @@
+"""The decoding worker: one thread that answers jobs one at a time, behind a bounded queue.
+
+    submit(job, sink) -> Ticket     QueueFull when `max_queue` jobs already wait
+    the worker thread:              conversation = runtime.conversation(situation, seed, history)
+                                    reply -> sink(Piece(text)) for each screened piece, then
+                                             sink(Finished(reply, prompt_tokens))
+                                    strategy -> sink(Finished(...)) only
+                                    or sink(Failed(error))
+    ticket.cancel()                 a waiting job is skipped; a running one stops at its next piece
+
+`sink` is called on the worker thread; the server's sink hands the event to its event loop. A
+worker that decodes several conversations in one batch can take this one's place behind the same
+`submit` and events: nothing outside this module knows that replies are decoded one at a time.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from star_runtime.conversation import Reply, clean_message
+from star_runtime.runtime import Runtime
+from star_runtime.serve.schema import ChatRequest
+
+# How many recent replies the Retry-After estimate averages over.
+RECENT = 32
+
+
+class QueueFull(Exception):
+    """The worker already has `max_queue` jobs waiting."""
+
+
+@dataclass(frozen=True)
+class Job:
+    kind: Literal["reply", "strategy"]
+    request: ChatRequest
+
+
+@dataclass(frozen=True)
+class Piece:
+    text: str  # screened reply text (ScreenedStream passed it)
+
+
+@dataclass(frozen=True)
+class Finished:
+    reply: Reply
+    prompt_tokens: int  # the encoder input's length (0: the safety layer answered, the model did not run)
+
+
+@dataclass(frozen=True)
+class Failed:
+    error: Exception
+
+
+Event = Piece | Finished | Failed
+Sink = Callable[[Event], None]
+
+
+class Ticket:
+    """A submitted job's handle: `cancel()` it when nobody waits for the answer any more."""
+
+    def __init__(self) -> None:
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+
+class DecodeWorker:
+    """Jobs in submission order, one at a time, on one thread (module docstring)."""
+
+    def __init__(self, runtime: Runtime, max_queue: int) -> None:
+        self.runtime = runtime
+        self._queue: queue.Queue[tuple[Job, Sink, Ticket] | None] = queue.Queue(maxsize=max_queue)
+        self._recent: list[float] = []  # seconds per job, the last RECENT
+        self._busy = False
+        self._thread = threading.Thread(target=self._loop, name="star-decode", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finish the jobs already queued, then stop the thread (waiting at most `timeout` s)."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join(timeout)
+
+    def submit(self, job: Job, sink: Sink) -> Ticket:
+        """Queue `job`; its events go to `sink`. QueueFull when the queue is full."""
+        ticket = Ticket()
+        try:
+            self._queue.put_nowait((job, sink, ticket))
+        except queue.Full:
+            raise QueueFull from None
+        return ticket
+
+    @property
+    def waiting(self) -> int:
+        """Jobs queued and not started, plus the one running."""
+        return self._queue.qsize() + self._busy
+
+    def expected_wait(self) -> float:
+        """Seconds until a job submitted now would start: the jobs ahead of it times the mean of
+        the recent ones' time (0 before any has run)."""
+        mean = sum(self._recent) / len(self._recent) if self._recent else 0.0
+        return self.waiting * mean
+
+    def _loop(self) -> None:
+        while (item := self._queue.get()) is not None:
+            job, sink, ticket = item
+            if ticket.cancelled:
+                continue
+            self._busy = True
+            start = time.perf_counter()
+            try:
+                sink(self._run(job, sink, ticket))
+            except Exception as err:  # noqa: BLE001  the request gets an error object; the worker goes on
+                sink(Failed(err))
+            finally:
+                self._busy = False
+                self._recent = [*self._recent[-(RECENT - 1):], time.perf_counter() - start]
+
+    def _run(self, job: Job, sink: Sink, ticket: Ticket) -> Finished:
+        r = job.request
+        conv = self.runtime.conversation(r.situation, r.seed, sampling=r.sampling, max_new_tokens=r.max_new_tokens,
+                                         history=r.history)
+        prompt_tokens = len(conv.context_ids(clean_message(r.message)))
+        if job.kind == "strategy":
+            reply = conv.strategy(r.message)
+        else:
+            def on_token(piece: str) -> bool:
+                sink(Piece(piece))
+                return not ticket.cancelled  # False stops decoding at this piece
+
+            reply = conv.reply(r.message, on_token=on_token)
+        return Finished(reply, prompt_tokens if reply.strategy is not None else 0)
