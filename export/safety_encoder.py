@@ -14,6 +14,10 @@ index. Written, each through a temp file and a rename:
     vocab.txt          the WordPiece vocabulary (star_runtime.safety.wordpiece)
     prototypes.npz     E [N, 384] float32, the int8 encoder's embeddings of prototypes.jsonl, with
                        that file's sha256 (the runtime refuses a stale pair) and the thresholds
+    everyday.npz       F [8000, 384] float16, embeddings of sentences of everyday chat (the
+                       chitchat-dataset package, MIT licence; seeded sample): more harmless
+                       neighbours, so that "bye" or "I'm ready to go" is not read as a crisis
+                       statement (needs the chitchat-dataset package, a training extra)
     README.md          where the model comes from and its license
 
 Only this builder needs torch and transformers; the runtime reads the files with onnxruntime.
@@ -42,6 +46,12 @@ PROTOTYPES = DEFAULT_OUT.parent / "prototypes.jsonl"
 # to the crisis statements.
 MIN_SIMILARITY = 0.60
 MARGIN = 0.10
+# Everyday sentences as harmless neighbours. Without them the screen escalated 53 of the 2,956
+# seeker messages of ESConv's valid split, "bye" and "family is always there for me" among them;
+# with 8,000 it escalates 29, and set D's figures are unchanged (51/80, 4 false alarms of 40):
+# docs/safety.md, benchmarks/safety_conversations.py.
+EVERYDAY_UNITS = 8000
+EVERYDAY_SEED = 0
 
 
 def export_encoder(model_dir: Path, out: Path) -> None:
@@ -90,13 +100,32 @@ def embed_prototypes(out: Path, prototypes: Path, min_similarity: float, margin:
     tmp.replace(out / "prototypes.npz")
 
 
+def embed_everyday(out: Path, n: int = EVERYDAY_UNITS, seed: int = EVERYDAY_SEED) -> None:
+    """The int8 encoder's embeddings of `n` sentences drawn (seeded) from everyday chat, float16."""
+    import random
+
+    from star_runtime.safety.semantic import Encoder, units
+    from star_training.corpus import read_chitchat
+
+    pieces = [u for dialogue in read_chitchat() for _, text in dialogue.turns for u in units(text)]
+    sample = random.Random(seed).sample(pieces, min(n, len(pieces)))
+    emb = Encoder(out).embed(sample)
+    tmp = out / "everyday.tmp.npz"
+    with open(tmp, "wb") as f:
+        np.savez(f, embeddings=emb.astype(np.float16), source=np.array("chitchat-dataset (MIT)"),
+                 seed=np.int64(seed))
+    tmp.replace(out / "everyday.npz")
+
+
 README = """# The semantic screen's sentence encoder
 
 `encoder.onnx` is all-MiniLM-L6-v2 (sentence-transformers; Apache-2.0,
 https://huggingface.co/sentence-transformers/all-MiniLM-L6-v2), exported to ONNX with mean pooling
 and L2 normalisation in the graph and int8 weights (onnxruntime dynamic quantisation), by
 `python -m star_export.safety_encoder --model DIR`. `vocab.txt` is its WordPiece vocabulary.
-`prototypes.npz` holds its embeddings of `../prototypes.jsonl`. The model is used only to compare
+`prototypes.npz` holds its embeddings of `../prototypes.jsonl`; `everyday.npz` its embeddings of
+8,000 sentences of everyday chat from the chitchat-dataset package (MIT licence, BYU PCC lab),
+harmless neighbours for the comparison (the sentences themselves are not stored). The model is used only to compare
 a message with the prototype statements (star_runtime/safety/semantic.py); it generates nothing.
 """
 
@@ -119,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         write_text_atomically(args.out / "vocab.txt", (args.model / "vocab.txt").read_text(encoding="utf-8"))
         write_text_atomically(args.out / "README.md", README)
     embed_prototypes(args.out, args.prototypes, args.min_similarity, args.margin)
+    embed_everyday(args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -4,12 +4,14 @@ The phrase rules catch the words they list; people in crisis use others. This sc
 sentence of a message with a small sentence encoder (all-MiniLM-L6-v2, int8 ONNX, 23 MB; built
 by star_export.safety_encoder) and compares it with the prototype statements of
 star_runtime/data/safety/prototypes.jsonl: crisis statements per category, and harmless ones
-that share their words ("I could kill for a coffee").
+that share their words ("I could kill for a coffee"), joined by 8,000 sentences of everyday chat
+(encoder/everyday.npz, embeddings only) so that small talk ("bye", "I'm ready to go") has a
+harmless neighbour closer than any crisis statement.
 
     units     the message's sentences (and the message itself when it is short), at most MAX_UNITS
     e_u       encoder(unit), L2-normalised                                   [U, 384]
     s_uc      max over the crisis prototypes p of category c of  e_u . e_p    cosine similarity
-    n_u       max over the harmless prototypes of  e_u . e_p
+    n_u       max over the harmless prototypes and everyday sentences of  e_u . e_p
     flag u    if  max_c s_uc >= MIN_SIMILARITY  and  max_c s_uc - n_u >= MARGIN
     verdict   the flagged unit with the highest s_uc; category argmax_c, signal "semantic"
 
@@ -117,25 +119,31 @@ class SemanticScreen:
                              "`python -m star_export.safety_encoder`")
         self.embeddings = stored["embeddings"]
         self.min_similarity, self.margin = float(stored["min_similarity"]), float(stored["margin"])
+        everyday = folder / "everyday.npz"  # a deployment's own encoder folder may lack it
+        self.everyday = (np.load(everyday)["embeddings"].astype(np.float32) if everyday.is_file()
+                         else np.zeros((0, self.embeddings.shape[1]), np.float32))
         self.encoder = Encoder(folder)
         self.categories = [r.get("category") for r in self.rows]
         self._crisis = np.array([c is not None for c in self.categories])
 
-    def scores(self, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For similarities [U, N] of units to prototypes: per unit, the best crisis prototype's
-        index and similarity, and that similarity's margin over the best harmless prototype."""
+    def scores(self, sims: np.ndarray, everyday: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For similarities [U, N] of units to prototypes (and [U, M] to everyday sentences): per
+        unit, the best crisis prototype's index and similarity, and that similarity's margin over
+        the best harmless neighbour."""
         crisis = np.where(self._crisis[None, :], sims, -np.inf)
         best = crisis.argmax(1)
         s = crisis[np.arange(len(sims)), best]
         harmless = np.where(self._crisis[None, :], -np.inf, sims).max(1)
+        if everyday is not None and everyday.shape[1]:
+            harmless = np.maximum(harmless, everyday.max(1))
         return best, s, s - harmless
 
     def check(self, text: str) -> Match | None:
         pieces = units(text)
         if not pieces:
             return None
-        sims = self.encoder.embed(pieces) @ self.embeddings.T
-        best, s, margin = self.scores(sims)
+        emb = self.encoder.embed(pieces)
+        best, s, margin = self.scores(emb @ self.embeddings.T, emb @ self.everyday.T)
         ok = (s >= self.min_similarity) & (margin >= self.margin)
         if not ok.any():
             return None
