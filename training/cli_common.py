@@ -14,7 +14,8 @@ import json
 import os
 import random
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +71,13 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a positive number, not {text}")
+    return value
+
+
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {text}")
     return value
 
 
@@ -153,6 +161,20 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+@contextmanager
+def llm_errors() -> Iterator[None]:
+    """Errors of an LLM endpoint as the exit-code rule has them: a wrong request (URL, key,
+    model) is the user's (CliError, 2), a server that never answered is a Failure (1)."""
+    from star_training.llm_client import LLMRequestError, LLMUnavailable  # only the LLM tools need httpx
+
+    try:
+        yield
+    except LLMRequestError as exc:
+        raise CliError(str(exc)) from None
+    except LLMUnavailable as exc:
+        raise Failure(str(exc)) from None
 
 
 def load_tokenizer(explicit: Path | None, model_folder: Path) -> Tokenizer:
