@@ -41,7 +41,8 @@ def records(n: int = 6) -> list[dict]:
     """Records in star-eval's predictions.jsonl layout (star_training.evaluation), n distinct replies."""
     return [{"conversation": k, "turn": 1, "situation": f"situation {k}", "context": [f"i feel bad {k}"],
              "speakers": ["seeker"], "gold_strategy": "[Question]", "predicted_strategy": STRATEGIES[k % 6],
-             "reference": "what happened ?", "hypothesis": f"i am sorry {k} .", "hypothesis_readable": f"I am sorry {k}."}
+             "reference": "what happened ?", "hypothesis": f"i am sorry {k} .",
+             "hypothesis_readable": f"I am sorry {k}."}
             for k in range(n)]
 
 
@@ -104,7 +105,8 @@ def test_scores_are_the_means_and_t_intervals_of_the_judges_answers(pred, tmp_pa
     assert report["by_strategy"]["[Reflection of feelings]"]["C1"]["low"] is None  # one reply: no interval
 
     # Tokens: what the server reported, 100 + 20 per answer.
-    assert report["tokens"]["all_answers"] == {"prompt": 600, "completion": 120, "total": 720, "answers_without_usage": 0}
+    assert report["tokens"]["all_answers"] == {"prompt": 600, "completion": 120, "total": 720,
+                                               "answers_without_usage": 0}
     assert report["requests_sent"] == 6 and report["answers_from_cache"] == 0
     lines = (tmp_path / "out" / "judgments.jsonl").read_text().splitlines()
     assert [json.loads(x)["scores"] for x in lines] == [by_prompt[judge_request(i, temperature=0.0, max_tokens=100)
@@ -144,7 +146,8 @@ def test_a_rerun_makes_no_request(pred, tmp_path) -> None:
     again = json.loads((tmp_path / "out" / "judge.json").read_text())
     assert again["scores"] == first["scores"] and again["by_strategy"] == first["by_strategy"]
     assert again["requests_sent"] == 0 and again["answers_from_cache"] == 6
-    assert again["tokens"]["this_run"]["total"] == 0 and again["tokens"]["all_answers"] == first["tokens"]["all_answers"]
+    assert again["tokens"]["this_run"]["total"] == 0
+    assert again["tokens"]["all_answers"] == first["tokens"]["all_answers"]
 
 
 def test_a_run_that_failed_midway_resumes_with_only_the_missing_requests(pred, tmp_path, capsys) -> None:
@@ -217,29 +220,39 @@ def test_429_and_5xx_are_retried_after_the_wait_the_server_asks(pred, tmp_path) 
 
 
 def test_a_timeout_is_retried_and_too_many_fail_with_one_line(pred, tmp_path, capsys) -> None:
+    hang = threading.Event()  # set at the end, so no server thread outlives the test by much
+
     def slow_first(body: dict, n: int) -> Reply:
-        return Reply(delay=2.0) if n == 0 else good(body, n)
+        if n == 0:
+            hang.wait(30)
+        return good(body, n)
 
-    with FakeOpenAI(slow_first) as server:
-        assert judge(pred, server, tmp_path, "--limit", "1", "--timeout", "0.3") == 0
-        assert len(server.requests) == 2
+    try:
+        with FakeOpenAI(slow_first) as server:
+            assert judge(pred, server, tmp_path, "--limit", "1", "--timeout", "1") == 0
+            assert len(server.requests) == 2
 
-    with FakeOpenAI(lambda body, n: Reply(delay=2.0)) as server:
-        assert judge(pred, server, tmp_path / "b", "--limit", "1", "--timeout", "0.2", "--retries", "1") == 1
-        assert len(server.requests) == 2
+        with FakeOpenAI(lambda body, n: Reply() if hang.wait(30) else Reply()) as server:
+            assert judge(pred, server, tmp_path / "b", "--limit", "1", "--timeout", "0.5", "--retries", "1") == 1
+            assert len(server.requests) == 2
+    finally:
+        hang.set()
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith("star-judge: error: ") and "no answer within 0.2 s" in err and "2 tries" in err
+    assert err.startswith("star-judge: error: ") and "no answer within 0.5 s" in err and "2 tries" in err
 
 
 def test_requests_in_flight_never_exceed_concurrency(tmp_path) -> None:
     pred = write_predictions(tmp_path / "eval", records(9))
 
-    def slow(body: dict, n: int) -> Reply:
-        reply = good(body, n)
-        reply.delay = 0.2
-        return reply
+    def gathered(body: dict, n: int) -> Reply:
+        """Held until three are in flight (5 s at most), then a little longer: room for a fourth."""
+        deadline = time.monotonic() + 5
+        while server.in_flight < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.05)
+        return good(body, n)
 
-    with FakeOpenAI(slow) as server:
+    with FakeOpenAI(gathered) as server:
         assert judge(pred, server, tmp_path, "--concurrency", "3") == 0
     assert len(server.requests) == 9 and server.max_in_flight == 3  # parallel, and bounded
 

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import random
+import re
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -132,6 +133,11 @@ def check_own_outputs(out: Path, names: tuple[str, ...], record: str, keys: set[
     if not ours:
         raise CliError(f"{out} holds {', '.join(present)} that {prog} did not write, so it will not replace them; "
                        "choose another --out")
+
+
+def slug(text: str) -> str:
+    """`text` (a model name such as "gpt-4o-mini" or "org/model:q4") as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
 def seed_everything(seed: int) -> None:

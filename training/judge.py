@@ -45,8 +45,10 @@ CRITERIA: dict[str, str] = {
 EGS = "egs"  # the key of the overall score beside C1..C4
 LOWEST, HIGHEST = 1, 10
 
-JUDGE_SYSTEM = "You are an expert in emotional support conversations. You rate a supporter's reply fairly and consistently."
-JUDGE_PROMPT = """Below is an emotional support conversation between a help-seeker and a supporter, then the supporter's next reply.
+JUDGE_SYSTEM = ("You are an expert in emotional support conversations. You rate a supporter's reply fairly and "
+                "consistently.")
+JUDGE_PROMPT = """\
+Below is an emotional support conversation between a help-seeker and a supporter, then the supporter's next reply.
 
 Conversation:
 {dialogue}

@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from star_runtime.atomic import write_text_atomically
+from star_runtime.cli import add_version
 from star_runtime.terminal import printable
 from star_training.cli_common import (
     CliError,
@@ -36,8 +36,8 @@ from star_training.cli_common import (
     llm_errors,
     positive_int,
     run_cli,
+    slug,
 )
-from star_runtime.cli import add_version
 from star_training.judge import (
     COLUMNS,
     CRITERIA,
@@ -76,7 +76,8 @@ def unparsed_share(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("predictions", type=Path, help="star-eval's predictions.jsonl, or a JSON Lines file of context + reply")
+    p.add_argument("predictions", type=Path,
+                   help="star-eval's predictions.jsonl, or a JSON Lines file of context + reply")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: beside the input, judge-NAME-MODEL)")
     p.add_argument("--reply-field", default=None, metavar="FIELD",
                    help="the field holding the reply (default: the first of hypothesis_readable, hypothesis, "
@@ -88,10 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
                  max_tokens=JUDGE_MAX_TOKENS)
     add_version(p)
     return p
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
 
 
 def _record(j: Judgment) -> dict:
@@ -125,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         except JudgeInputError as exc:
             raise CliError(str(exc)) from None
         items = items[: args.limit]
-        out = args.out or args.predictions.resolve().parent / f"judge-{_slug(args.predictions.stem)}-{_slug(args.llm_model)}"
+        name = f"judge-{slug(args.predictions.stem)}-{slug(args.llm_model)}"
+        out = args.out or args.predictions.resolve().parent / name
         check_own_outputs(out, OUTPUTS, "judge.json", {"judge_model", "criteria"}, PROG)
         settings = settings_from_args(args)
         requests = [judge_request(item, **settings) for item in items]
@@ -157,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
             "paper_table_4": PAPER_TABLE_4,
         }
         columns = (*COLUMNS, ("n", "n"))
-        rows = [*paper_rows(PAPER_TABLE_4), (f"ours: judge {args.llm_model}", {**report["scores"], "n": report["parsed"]})]
+        ours = (f"ours: judge {args.llm_model}", {**report["scores"], "n": report["parsed"]})
+        rows = [*paper_rows(PAPER_TABLE_4), ours]
         table = markdown_table(rows, columns, first="replies", cell=cell)
         strategies = markdown_table([(s, {**t, "n": t[EGS]["n"]}) for s, t in report["by_strategy"].items()],
                                     columns, first="strategy", cell=cell) if report["by_strategy"] else ""

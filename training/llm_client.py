@@ -157,8 +157,8 @@ class AnswerCache:
             if not folder.is_dir():
                 raise LLMRequestError(f"--cache {folder} is a file; give a folder")
             if any(folder.iterdir()):
-                raise LLMRequestError(f"--cache {folder} holds files and is not an LLM answer cache (no {CACHE_MARKER}); "
-                                      "choose another --cache")
+                raise LLMRequestError(f"--cache {folder} holds files and is not an LLM answer cache "
+                                      f"(no {CACHE_MARKER}); choose another --cache")
 
     def _path(self, key: str) -> Path:
         return self.folder / key[:2] / f"{key}.json"
@@ -283,8 +283,8 @@ class ChatClient:
                 if response.status_code == 200:
                     return self._answer(response)
                 if response.status_code not in RETRY_STATUS:
-                    raise LLMRequestError(f"{self.url} answered HTTP {response.status_code}: {self._excerpt(response)}; "
-                                          "check --base-url, --model and --api-key-env")
+                    raise LLMRequestError(f"{self.url} answered HTTP {response.status_code}: "
+                                          f"{self._excerpt(response)}; check --base-url, --model and --api-key-env")
                 why = f"HTTP {response.status_code}: {self._excerpt(response)}"
                 wait = max(wait, _retry_after(response))
             if attempt < self.retries:
@@ -357,7 +357,8 @@ def add_llm_args(group: argparse._ArgumentGroup, *, required: bool, max_tokens: 
 
     --model is stored as `llm_model` (star-eval's positional `model` is the STAR checkpoint)."""
     group.add_argument("--base-url", type=base_url, required=required,
-                       help="the OpenAI-compatible API root, e.g. https://api.openai.com/v1 or http://127.0.0.1:8080/v1")
+                       help="the OpenAI-compatible API root, e.g. https://api.openai.com/v1 or "
+                       "http://127.0.0.1:8080/v1")
     group.add_argument("--model", dest="llm_model", required=required, metavar="NAME",
                        help="the model name the endpoint knows, e.g. gpt-4.1-mini")
     group.add_argument("--api-key-env", metavar="VAR", default=None,
