@@ -22,7 +22,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 README = REPO / "README.md"
 COMMANDS = {"star-chat": "star_runtime.chat", "star-serve": "star_runtime.serve.cli", "star-train": "star_training.train_cli",
-            "star-eval": "star_training.eval_cli", "star-analyze": "star_training.analyze_cli",
+            "star-eval": "star_training.eval_cli", "star-judge": "star_training.judge_cli",
+            "star-analyze": "star_training.analyze_cli",
             "star-export": "star_export.cli"}
 BLOCK = "import sys\nfor name in {names!r}:\n    sys.modules[name] = None\n"
 
@@ -52,7 +53,7 @@ def test_console_scripts_are_the_guarded_entry_points() -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
     assert scripts["star-chat"] == "star_runtime.chat:main"
     assert scripts["star-serve"] == "star_runtime.serve.cli:main"
-    for prog in ("star-train", "star-eval", "star-analyze", "star-export"):
+    for prog in ("star-train", "star-eval", "star-judge", "star-analyze", "star-export"):
         module, func = scripts[prog].split(":")
         assert module == "star_training.entry"
         __import__(module)
@@ -60,7 +61,7 @@ def test_console_scripts_are_the_guarded_entry_points() -> None:
 
 
 # -- a runtime-only install ---------------------------------------------------------------------------
-@pytest.mark.parametrize("prog", ["star-train", "star-eval", "star-analyze", "star-export"])
+@pytest.mark.parametrize("prog", ["star-train", "star-eval", "star-judge", "star-analyze", "star-export"])
 def test_training_commands_without_the_extras_say_what_to_install(prog, tmp_path) -> None:
     from star_training.entry import TRAIN_MODULES
 
@@ -153,7 +154,7 @@ def test_runtime_only_venv_chats_and_the_training_commands_say_what_to_install(t
         return subprocess.run(list(cmd), env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300, **kw)
 
     assert run("star-chat", "--version").stdout.strip() == f"star-chat {version}"
-    for prog in ("star-train", "star-eval", "star-analyze", "star-export"):
+    for prog in ("star-train", "star-eval", "star-judge", "star-analyze", "star-export"):
         done = run(prog, "--help")
         assert done.returncode == 2 and "needs the training extras: pip install 'star-esc[train]'" in done.stderr
         assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr

@@ -13,8 +13,10 @@ import errno
 import json
 import os
 import random
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +75,13 @@ def positive_float(text: str) -> float:
     return value
 
 
+def nonnegative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number, 0 or more, not {text}")
+    return value
+
+
 def unit_interval(text: str) -> float:
     """A number in [0, 1): a probability, a beta of AdamW, a dropout rate."""
     value = float(text)
@@ -126,6 +135,11 @@ def check_own_outputs(out: Path, names: tuple[str, ...], record: str, keys: set[
                        "choose another --out")
 
 
+def slug(text: str) -> str:
+    """`text` (a model name such as "gpt-4o-mini" or "org/model:q4") as a file-name part."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "model"
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -153,6 +167,20 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+
+
+@contextmanager
+def llm_errors() -> Iterator[None]:
+    """Errors of an LLM endpoint as the exit-code rule has them: a wrong request (URL, key,
+    model) is the user's (CliError, 2), a server that never answered is a Failure (1)."""
+    from star_training.llm_client import LLMRequestError, LLMUnavailable  # only the LLM tools need httpx
+
+    try:
+        yield
+    except LLMRequestError as exc:
+        raise CliError(str(exc)) from None
+    except LLMUnavailable as exc:
+        raise Failure(str(exc)) from None
 
 
 def load_tokenizer(explicit: Path | None, model_folder: Path) -> Tokenizer:

@@ -69,6 +69,9 @@ class Example:
     situation: str
     context: tuple[str, ...]  # earlier utterances, oldest first, without strategy tokens
     response: str
+    # who said each context utterance (SEEKER / SUPPORTER): an LLM judge or responder reads the
+    # dialogue with its speakers; empty where the source has none (language-model corpora)
+    speakers: tuple[str, ...] = ()
 
 
 def _norm(text: str) -> str:
@@ -231,6 +234,7 @@ def build_examples(
                             situation=conversation.situation,
                             context=tuple(u.text for u in conversation.turns[:t]),
                             response=turn.text,
+                            speakers=tuple(u.speaker for u in conversation.turns[:t]),
                         )
                     )
                 ids = [strategy_id, *ids]

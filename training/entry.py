@@ -1,8 +1,8 @@
 """The console scripts of the training side, usable on a runtime-only install.
 
 `pip install .` installs what star-chat needs (numpy, onnxruntime, rich) and all four packages'
-code, so star-train, star-eval, star-analyze and star-export are on PATH there too. Their work
-needs the `train` extra (torch, transformers, ...). Each script first checks, without importing
+code, so star-train, star-eval, star-judge, star-analyze and star-export are on PATH there too.
+Their work needs the `train` extra (torch, transformers, httpx, ...). Each script first checks, without importing
 anything heavy, that the extra's modules can be found; if not, it prints
 
     star-train: needs the training extras: pip install 'star-esc[train]' (missing: torch, ...)
@@ -13,7 +13,7 @@ the command's own module imported and its `main` run.
 Why one distribution with guarded commands rather than a runtime-only distribution of its own:
 one version number and one wheel for the runtime and the tools that write its bundles, one
 `pip install .` in the README, and the bundle format's writer and reader released together; the
-cost is four commands on a runtime-only PATH that can only say what to install.
+cost is five commands on a runtime-only PATH that can only say what to install.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from collections.abc import Callable
 
 from star_runtime.cli import EXIT_USAGE, version
 
-# Import names of the `train` extra (pyproject.toml) that the four commands import.
+# Import names of the `train` extra (pyproject.toml) that the commands import; the two that can
+# ask an LLM (star-eval --responder openai, star-judge) need its HTTP client as well.
 TRAIN_MODULES = ("torch", "transformers", "safetensors", "nltk", "sklearn", "matplotlib", "onnx")
+LLM_MODULES = (*TRAIN_MODULES, "httpx")
 NEEDS_EXTRAS = "needs the training extras: pip install 'star-esc[train]'"
 
 
@@ -47,10 +49,11 @@ def missing_modules(names: tuple[str, ...] = TRAIN_MODULES) -> list[str]:
     return missing
 
 
-def run(prog: str, module: str, argv: list[str] | None = None) -> int:
-    """`module.main(argv)` if the training extras are installed, else one line and exit 2."""
+def run(prog: str, module: str, argv: list[str] | None = None, needs: tuple[str, ...] = TRAIN_MODULES) -> int:
+    """`module.main(argv)` if the modules `needs` (of the training extras) are installed, else one
+    line and exit 2."""
     args = sys.argv[1:] if argv is None else argv
-    missing = missing_modules()
+    missing = missing_modules(needs)
     if missing:
         if args == ["--version"]:
             print(f"{prog} {version()}")
@@ -66,7 +69,11 @@ def star_train() -> int:
 
 
 def star_eval() -> int:
-    return run("star-eval", "star_training.eval_cli")
+    return run("star-eval", "star_training.eval_cli", needs=LLM_MODULES)
+
+
+def star_judge() -> int:
+    return run("star-judge", "star_training.judge_cli", needs=LLM_MODULES)
 
 
 def star_analyze() -> int:

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -79,17 +80,65 @@ def _generate_all(
     return strategies, hypotheses
 
 
-def _records(examples: list[Example], tok: Tokenizer, strategies: list[int], hypotheses: list[str]) -> list[dict]:
+def _records(examples: list[Example], tok: Tokenizer, strategies: Sequence[int | None], hypotheses: list[str],
+             *, detokenize: bool = True) -> list[dict]:
     return [
         {
             "conversation": e.conversation, "turn": e.turn, "situation": e.situation, "context": list(e.context),
-            "gold_strategy": STRATEGIES[e.strategy], "predicted_strategy": STRATEGIES[s],
+            "speakers": list(e.speakers),
+            "gold_strategy": STRATEGIES[e.strategy], "predicted_strategy": None if s is None else STRATEGIES[s],
             "reference": reference_text(e, tok), "hypothesis": h,
-            # the reply as a person would read it; the metrics score "hypothesis"
-            "hypothesis_readable": readable(h),
+            # the reply as a person would read it; the metrics score "hypothesis". An LLM's reply
+            # is written text already, so it is kept as it came.
+            "hypothesis_readable": readable(h) if detokenize else h,
         }
         for e, s, h in zip(examples, strategies, hypotheses)
     ]
+
+
+def predict_strategies(
+    model: StarForConditionalGeneration,
+    tok: Tokenizer,
+    examples: list[Example],
+    *,
+    batch_size: int = 32,
+    device: torch.device = torch.device("cpu"),
+) -> list[int]:
+    """The model's strategy class id for each example, decoding no reply: the argmax at the first
+    decoder position, the same strategy `evaluate` reports (it does not depend on sampling)."""
+    model.to(device).eval()
+    strategies: list[int] = []
+    for i in range(0, len(examples), batch_size):
+        batch = collate(examples[i : i + batch_size], tok.pad_id)
+        result = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                          do_sample=False, max_new_tokens=0)
+        strategies += result.strategy.tolist()
+    return strategies
+
+
+def score_replies(
+    examples: list[Example],
+    tok: Tokenizer,
+    strategies: Sequence[int | None],
+    hypotheses: list[str],
+    *,
+    detokenize: bool = True,
+) -> EvalResult:
+    """Strategy accuracy / macro-F1 of `strategies` and the text metrics of `hypotheses` against
+    the examples' references, with one prediction record per example.
+
+    Whoever wrote the replies (STAR, an LLM) is scored by this one function. A strategy of None
+    (a responder that named none) counts as wrong for accuracy and for its gold class's recall.
+    detokenize: True for the tokenizer's text (records also carry it as a person reads it).
+    """
+    references = [reference_text(e, tok) for e in examples]
+    gold = [e.strategy for e in examples]
+    scores: dict[str, Any] = {
+        "examples": len(examples),
+        "predicted": {**strategy_scores(gold, [-1 if s is None else s for s in strategies]),
+                      **generation_scores(hypotheses, references)},
+    }
+    return EvalResult(scores, _records(examples, tok, strategies, hypotheses, detokenize=detokenize))
 
 
 def evaluate(
@@ -106,20 +155,14 @@ def evaluate(
     """Score `examples`: strategy accuracy / macro-F1 and text metrics from predicted strategies,
     PPL teacher-forced with the gold strategy, and optionally the oracle-strategy text metrics."""
     model.to(device).eval()
-    references = [reference_text(e, tok) for e in examples]
-    gold = [e.strategy for e in examples]
     common = dict(settings=settings, batch_size=batch_size, device=device, seed=seed)
 
     predicted, hypotheses = _generate_all(model, examples, tok, oracle=False, **common)
-    tf = teacher_forced_scores(model, examples, pad_id=tok.pad_id, batch_size=batch_size, device=device)
-    scores: dict[str, Any] = {
-        "examples": len(examples),
-        "predicted": {**strategy_scores(gold, predicted), **generation_scores(hypotheses, references)},
-        "teacher_forced": tf,
-    }
-    result = EvalResult(scores, _records(examples, tok, predicted, hypotheses))
+    result = score_replies(examples, tok, predicted, hypotheses)
+    result.scores["teacher_forced"] = teacher_forced_scores(model, examples, pad_id=tok.pad_id,
+                                                            batch_size=batch_size, device=device)
     if oracle:
         forced, oracle_hyps = _generate_all(model, examples, tok, oracle=True, **common)
-        scores["oracle"] = generation_scores(oracle_hyps, references)
+        result.scores["oracle"] = generation_scores(oracle_hyps, [reference_text(e, tok) for e in examples])
         result.oracle_predictions = _records(examples, tok, forced, oracle_hyps)
     return result

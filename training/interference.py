@@ -29,38 +29,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
-from scipy import stats
 
+# the batches' cosines are averaged with the one interval of the project's reports
+from star_training.intervals import Interval, t_interval
 from star_training.model import StarForConditionalGeneration
 
 GROUPS = ("shared", "embedding")  # "shared": every tensor both losses reach; "embedding": the tied W_E
-
-
-@dataclass(frozen=True)
-class Interval:
-    """Mean of per-batch values with a two-sided t confidence interval (None below 2 values)."""
-
-    mean: float
-    low: float | None
-    high: float | None
-    n: int
-
-
-def t_interval(values: list[float], confidence: float = 0.95) -> Interval:
-    """mean +- t_{(1+c)/2, n-1} * s / sqrt(n), s the sample standard deviation (n - 1 denominator).
-
-    The batches are drawn without replacement from one split, so the values are treated as
-    independent draws; with n = 50 the t quantile is 2.01 (1.96 for a normal).
-    """
-    n = len(values)
-    if n == 0:
-        raise ValueError("t_interval needs at least one value")
-    mean = math.fsum(values) / n
-    if n < 2:
-        return Interval(mean, None, None, n)
-    s = math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(stats.t.ppf((1 + confidence) / 2, n - 1)) * s / math.sqrt(n)
-    return Interval(mean, mean - half, mean + half, n)
 
 
 @dataclass(frozen=True)

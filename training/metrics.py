@@ -54,7 +54,10 @@ def _require_nonempty(n: int, what: str) -> None:
 
 
 def strategy_scores(gold: Sequence[int], predicted: Sequence[int]) -> dict[str, float]:
-    """Accuracy and macro-F1 (x100) of predicted strategy class ids 0..7 against gold ones."""
+    """Accuracy and macro-F1 (x100) of predicted strategy class ids 0..7 against gold ones.
+
+    A predicted id outside 0..7 (-1: the responder named no strategy) is a miss for its gold
+    class and a false positive for none."""
     if len(gold) != len(predicted):
         raise ValueError(f"{len(gold)} gold strategies but {len(predicted)} predictions")
     _require_nonempty(len(gold), "strategies")
