@@ -53,6 +53,8 @@ HELDOUT_C_FILE = DATA / "safety_heldout_c.jsonl"
 HELDOUT_C_SHA256 = "c84a883698019a40a427206936dea65345438473c9930c20bba1091b3f0060b0"
 HELDOUT_D_FILE = DATA / "safety_heldout_d.jsonl"
 HELDOUT_D_SHA256 = "b86c7f38e702a3b2f78f9630b1160c54ae42556395b08a5aaab58c45522bb4c8"
+HELDOUT_E_FILE = DATA / "safety_heldout_e.jsonl"
+HELDOUT_E_SHA256 = "2fecc56793d66c984518f0629c69111a80c1cb3723e2d3f6c81bd95329ccf745"
 # The first tuning sets were labelled with the old categories; each maps onto one verdict category.
 OLD_CATEGORIES = {"suicide": "suicide_self_harm", "self_harm": "suicide_self_harm", "harm_others": "harm_to_others"}
 # Thresholds on the tuning examples: every crisis on the list is caught (a miss is the costly
@@ -72,6 +74,8 @@ HELDOUT_GUARDS = {
            "medical_emergency": 20 / 20}, 77 / 77),
     "D": ({"suicide_self_harm": 9 / 20, "harm_to_others": 14 / 20, "abuse_safeguarding": 12 / 20,
            "medical_emergency": 16 / 20}, 51 / 55),
+    "E": ({"suicide_self_harm": 11 / 20, "harm_to_others": 12 / 20, "abuse_safeguarding": 9 / 20,
+           "medical_emergency": 16 / 20}, 48 / 53),
     "set 3": ({"suicide_self_harm": 19 / 24, "harm_to_others": 5 / 6}, 24 / 26),
 }
 # A crisis check on a 100 kB message, CPU seconds (process time, so other jobs on the machine do
@@ -94,6 +98,7 @@ HELDOUT = load_examples(HELDOUT_FILE)
 HELDOUT_B = load_examples(HELDOUT_B_FILE)
 HELDOUT_C = load_examples(HELDOUT_C_FILE)
 HELDOUT_D = load_examples(HELDOUT_D_FILE)
+HELDOUT_E = load_examples(HELDOUT_E_FILE)
 
 
 def evaluate(examples: list[dict]) -> dict:
@@ -142,18 +147,19 @@ def report(name: str, r: dict) -> str:
 
 
 @pytest.mark.parametrize(("path", "digest"), [(HELDOUT_FILE, HELDOUT_SHA256), (HELDOUT_B_FILE, HELDOUT_B_SHA256),
-                                              (HELDOUT_C_FILE, HELDOUT_C_SHA256), (HELDOUT_D_FILE, HELDOUT_D_SHA256)])
+                                              (HELDOUT_C_FILE, HELDOUT_C_SHA256), (HELDOUT_D_FILE, HELDOUT_D_SHA256),
+                                              (HELDOUT_E_FILE, HELDOUT_E_SHA256)])
 def test_heldout_sets_are_frozen(path: Path, digest: str) -> None:
     assert hashlib.sha256(path.read_bytes()).hexdigest() == digest, f"{path} changed: it is frozen (see its .md)"
 
 
 def test_sets_are_large_and_labelled() -> None:
     assert sum(ex["escalate"] for ex in TUNING) >= 100 and sum(not ex["escalate"] for ex in TUNING) >= 100
-    for heldout in (HELDOUT, HELDOUT_B, HELDOUT_C, HELDOUT_D):
+    for heldout in (HELDOUT, HELDOUT_B, HELDOUT_C, HELDOUT_D, HELDOUT_E):
         assert len(heldout) >= 120
         for category in CATEGORIES:
             assert sum(ex["category"] == category for ex in heldout) >= 20
-    for ex in TUNING + KNOWN + SET3 + HELDOUT + HELDOUT_B + HELDOUT_C + HELDOUT_D:
+    for ex in TUNING + KNOWN + SET3 + HELDOUT + HELDOUT_B + HELDOUT_C + HELDOUT_D + HELDOUT_E:
         assert (ex["category"] in CATEGORIES) == ex["escalate"], ex
 
 
@@ -167,7 +173,7 @@ def test_tuning_examples() -> None:
 
 @pytest.mark.parametrize("name", list(HELDOUT_GUARDS))
 def test_heldout_figures_do_not_regress(name: str) -> None:
-    examples = {"A": HELDOUT, "B": HELDOUT_B, "C": HELDOUT_C, "D": HELDOUT_D, "set 3": SET3}[name]
+    examples = {"A": HELDOUT, "B": HELDOUT_B, "C": HELDOUT_C, "D": HELDOUT_D, "E": HELDOUT_E, "set 3": SET3}[name]
     r = evaluate(examples)
     print("\n" + report(f"held-out {name}", r))
     recall, precision = HELDOUT_GUARDS[name]
@@ -255,6 +261,18 @@ def test_near_misses_are_not_corrected_into_a_crisis(text: str) -> None:
     assert not detect_crisis(text).escalate, detect_crisis(text)
 
 
+@pytest.mark.parametrize(("text", "crisis"), [
+    ("it took a minute with this nose", False),  # "nose" is a word: not "noose" squeezed
+    ("I sent a shot of my new haircut", False),  # not "shoot"
+    ("I bought a noose", True),
+    ("there is a noose in my wardrobe", True),
+    ("i want to kil myself", True),              # "kil" is no word: read as "kill"
+    ("i want to dieeeee", True),
+])
+def test_double_letters_tell_words_apart(text: str, crisis: bool) -> None:
+    assert detect_crisis(text).escalate is crisis, detect_crisis(text)
+
+
 def test_segment_and_variants() -> None:
     assert segment("killmyself") == "kill myself"
     assert segment("xqzt") == "xqzt"  # nothing fits: as it was
@@ -337,6 +355,31 @@ def test_semantic_screen_catches_what_the_rules_do_not_list() -> None:
     v = detect_crisis(text)
     assert (v.escalate, v.signal) == (True, "semantic") and v.rule.startswith("prototypes.jsonl:")
     assert not detect_crisis("I'm so tired after my shift, I need a long weekend").escalate
+
+
+@pytest.mark.parametrize("text", ["bye", "I have to go now. Thank you for chatting with me!"])
+def test_small_talk_is_closer_to_everyday_chat_than_to_a_crisis(text: str) -> None:
+    # "bye" is 0.62 from "I've been saying my goodbyes" and 0.71 from everyday chat
+    assert not detect_crisis(text).escalate, detect_crisis(text)
+
+
+def test_everyday_chat_vetoes_only_what_it_is_closer_to() -> None:
+    v = detect_crisis("I don't want to be around anymore, I'm just so tired")
+    assert (v.escalate, v.signal) == (True, "semantic")
+
+
+# Seeker messages of ESConv's valid split that escalate (benchmarks/safety_conversations.py): 53
+# before everyday chat joined the screen, 40 with it, of 2,956; docs/safety.md reads them.
+MAX_ESCONV_VALID_ESCALATIONS = 40
+
+
+@pytest.mark.slow
+def test_ordinary_conversation_rarely_escalates(esconv_dir: Path) -> None:
+    from star_training.data import SEEKER, load_conversations
+
+    messages = [t.text for c in load_conversations(esconv_dir, "valid") for t in c.turns if t.speaker == SEEKER]
+    assert len(messages) == 2956
+    assert sum(detect_crisis(m).escalate for m in messages) <= MAX_ESCONV_VALID_ESCALATIONS
 
 
 def test_semantic_screen_refuses_stale_embeddings(tmp_path: Path) -> None:
@@ -603,7 +646,8 @@ def main() -> None:
     print(report("held-out B, 2026-12-01 10:17 (chose the semantic screen's thresholds)", evaluate(HELDOUT_B)))
     print(report("held-out C, 2026-12-01 10:20 (run once; its misses chose the third round's kinds)",
                  evaluate(HELDOUT_C)))
-    print(report("held-out D, 2026-12-01 11:03 (never tuned on)", evaluate(HELDOUT_D)))
+    print(report("held-out D, 2026-12-01 11:03 (run once; never tuned on)", evaluate(HELDOUT_D)))
+    print(report("held-out E, 2026-12-01 12:15 (run once; never tuned on)", evaluate(HELDOUT_E)))
 
 
 if __name__ == "__main__":

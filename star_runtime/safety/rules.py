@@ -12,7 +12,8 @@ A rules file (star_runtime/data/safety/*.rules) is a list of phrases under secti
 A phrase is a sequence of words, matched against the normalised message (lowercase words and
 " . "/" , " marks, star_runtime.safety.text), word for word:
 
-    word         that word ("to" also matches "2"; doubled letters match squeezed ones)
+    word         that word ("to" also matches "2"; a double letter also matches a single one
+                 unless that spelling is an English word: "kill" matches "kil", "noose" not "nose")
     word*        a word starting so ("kill*": kill, kills, killed, killing, killer)
     a|b|c        one of these words
     (a b|c)      one of these phrases
@@ -40,6 +41,8 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+
+from star_runtime.safety.text import english_words, squeeze
 
 BENIGN = "benign"
 CLAUSE_START = r"(?:^|(?<=[.,] ))"
@@ -82,8 +85,18 @@ def _literal(word: str) -> str:
         return "(?:to|2)"
     if not re.fullmatch(r"[a-z0-9]+\*?", word):
         raise ValueError(f"{word!r} is not a lowercase word (letters and digits, optionally ending in *)")
-    stem = re.sub(r"([a-z])\1+", r"\1", word.rstrip("*"))  # squeezed as the text is
-    return stem + (r"[a-z0-9]{0,24}" if word.endswith("*") else "")
+    stem = squeeze(word.rstrip("*"))  # as the text is
+    english = english_words()
+    # A double letter may be typed or squeezed as one ("kil myself"), except where the single
+    # spelling is another English word: "nose" is not "noose", "shot" not "shoot", "son" not "soon".
+    parts, k = [], 0
+    for m in re.finditer(r"([a-z])\1", stem):
+        single = stem[: m.start()] + m.group(1) + stem[m.end():]
+        optional = word.endswith("*") or single not in english
+        parts += [stem[k : m.start()], m.group(1) + m.group(1) + ("?" if optional else "")]
+        k = m.end()
+    parts.append(stem[k:])
+    return "".join(parts) + (r"[a-z0-9]{0,24}" if word.endswith("*") else "")
 
 
 class _Parser:

@@ -6,13 +6,17 @@ by star_export.safety_encoder) and compares it with the prototype statements of
 star_runtime/data/safety/prototypes.jsonl: crisis statements per category, and harmless ones
 that share their words ("I could kill for a coffee"), joined by 8,000 sentences of everyday chat
 (encoder/everyday.npz, embeddings only) so that small talk ("bye", "I'm ready to go") has a
-harmless neighbour closer than any crisis statement.
+harmless neighbour closer than any crisis statement. Everyday sentences only veto a unit they
+are closer to than its crisis statement (no margin): with the prototypes' margin of 0.10 they
+also silenced "I don't want to be around anymore, I'm just so tired" (0.665 to a crisis
+statement, 0.578 to small talk).
 
     units     the message's sentences (and the message itself when it is short), at most MAX_UNITS
     e_u       encoder(unit), L2-normalised                                   [U, 384]
     s_uc      max over the crisis prototypes p of category c of  e_u . e_p    cosine similarity
-    n_u       max over the harmless prototypes and everyday sentences of  e_u . e_p
-    flag u    if  max_c s_uc >= MIN_SIMILARITY  and  max_c s_uc - n_u >= MARGIN
+    n_u       max over the harmless prototypes of  e_u . e_p
+    f_u       max over the everyday sentences of  e_u . e_f
+    flag u    if  max_c s_uc >= MIN_SIMILARITY  and  max_c s_uc - n_u >= MARGIN  and  max_c s_uc > f_u
     verdict   the flagged unit with the highest s_uc; category argmax_c, signal "semantic"
 
 MIN_SIMILARITY and MARGIN are stored beside the embeddings by the build (their choice is
@@ -126,16 +130,13 @@ class SemanticScreen:
         self.categories = [r.get("category") for r in self.rows]
         self._crisis = np.array([c is not None for c in self.categories])
 
-    def scores(self, sims: np.ndarray, everyday: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """For similarities [U, N] of units to prototypes (and [U, M] to everyday sentences): per
-        unit, the best crisis prototype's index and similarity, and that similarity's margin over
-        the best harmless neighbour."""
+    def scores(self, sims: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For similarities [U, N] of units to prototypes: per unit, the best crisis prototype's
+        index and similarity, and that similarity's margin over the best harmless prototype."""
         crisis = np.where(self._crisis[None, :], sims, -np.inf)
         best = crisis.argmax(1)
         s = crisis[np.arange(len(sims)), best]
         harmless = np.where(self._crisis[None, :], -np.inf, sims).max(1)
-        if everyday is not None and everyday.shape[1]:
-            harmless = np.maximum(harmless, everyday.max(1))
         return best, s, s - harmless
 
     def check(self, text: str) -> Match | None:
@@ -143,8 +144,10 @@ class SemanticScreen:
         if not pieces:
             return None
         emb = self.encoder.embed(pieces)
-        best, s, margin = self.scores(emb @ self.embeddings.T, emb @ self.everyday.T)
+        best, s, margin = self.scores(emb @ self.embeddings.T)
         ok = (s >= self.min_similarity) & (margin >= self.margin)
+        if len(self.everyday):
+            ok &= s > (emb @ self.everyday.T).max(1)
         if not ok.any():
             return None
         u = int(np.where(ok, s, -np.inf).argmax())

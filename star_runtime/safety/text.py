@@ -14,9 +14,12 @@ normalise: per character NFKD, drop combining marks and format characters (zero-
 joiner, soft hyphen, bidi controls), casefold, map look-alike Cyrillic/Greek letters to Latin;
 digits and symbols inside words read as letters ("k1ll", "su1c1de", "$uicide"); apostrophes
 dropped ("don't" == "dont"); clause punctuation becomes " . " or " , "; anything else a space;
-runs of a repeated letter squeezed to one ("dieeee" -> "die", "kill" -> "kil"). Control
+runs of three or more of a letter squeezed to one ("dieeee" -> "die"; a double stays, so
+"noose" and "nose" stay two words). Control
 characters (C0/C1) inside a word are dropped, and a terminal escape sequence (CSI, OSC) is cut
-out whole, so "l<ESC>[0mife" reads "life". The rules are squeezed the same way when compiled.
+out whole, so "l<ESC>[0mife" reads "life". The rules are squeezed the same way when compiled,
+and a double letter of a rule word also matches a single one when that spelling is not an English
+word ("kil" reads as "kill", "nose" never as "noose").
 """
 
 from __future__ import annotations
@@ -98,6 +101,7 @@ def normalise(text: str) -> Normalised:
     starts: list[int] = []
     ends: list[int] = []
     last = " "  # last character written to `out` (a space before the first)
+    run = 0  # length of the run of `last` in the input
     n = len(chars)
     for j in range(n):
         c = chars[j]
@@ -112,9 +116,18 @@ def normalise(text: str) -> Normalised:
             elif c in "$@" and before_letter and not last.isalnum():
                 c = _LEET[c]  # word-initial: "$uicide", "@ll"
         if c.isalnum():
-            if c == last and c.isalpha():  # squeeze "dieeee" -> "die"
-                ends[-1] = i + 1
-                continue
+            if c == last and c.isalpha():
+                run += 1
+                if run == 3:  # "dieee": the second letter goes, the run reads as one
+                    out.pop()
+                    starts.pop()
+                    end = ends.pop()
+                    ends[-1] = end
+                if run >= 3:
+                    ends[-1] = i + 1
+                    continue
+            else:
+                run = 1
             out.append(c)
         elif c in _APOSTROPHES:
             continue
@@ -147,8 +160,8 @@ def normalise(text: str) -> Normalised:
 
 
 def squeeze(word: str) -> str:
-    """A run of one repeated letter as one letter, as `normalise` does ("kill" -> "kil")."""
-    return re.sub(r"([a-z])\1+", r"\1", word)
+    """A run of three or more of one letter as one letter, as `normalise` does ("dieee" -> "die")."""
+    return re.sub(r"([a-z])\1{2,}", r"\1", word)
 
 
 # ---------------------------------------------------------------------------------------------
