@@ -65,7 +65,7 @@ def resolve_source(checkpoint: Path | None, tokenizer: Path | None, preset: str,
             raise BenchmarkError(f"{checkpoint}: not a STAR checkpoint folder (no star_config.json)")
         if not (checkpoint / "vocab.json").is_file():
             raise BenchmarkError(f"{checkpoint}: no tokenizer files beside the weights (star-export needs them too); "
-                                 "save it with save_pretrained(dir, tokenizer_dir=...)")
+                                 "save it with star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)")
         return ModelSource(f"checkpoint {checkpoint}", checkpoint=str(checkpoint.resolve()))
     from star_runtime.bundle import load_manifest
     from star_runtime.runtime import default_bundle
@@ -166,15 +166,15 @@ class Artifacts:
         torch.manual_seed(self.seed)
         star = StarConfig.from_dict({**(self.source.star or {}), "strategy_token_ids": tokenizer.strategy_ids})
         model = StarForConditionalGeneration(config, star)
-        model.save_pretrained(path, tokenizer_dir=self.source.tokenizer)
+        save_model(model, path, tokenizer_dir=self.source.tokenizer)
 
     def _save_without_star(self, path: Path) -> None:
-        from star_training.checkpoint import load_model
+        from star_training.checkpoint import load_model, save_model
 
         source = self.checkpoint(star=True)
         model = load_model(source)
         model.star_config.use_star = False
-        model.save_pretrained(path, tokenizer_dir=source)
+        save_model(model, path, tokenizer_dir=source)
 
     def optimum(self) -> Path:
         """optimum's export of the checkpoint's base model (transformers ignores the STAR tensors)."""

@@ -27,6 +27,7 @@ import torch
 
 from star_export.weights import EMBED, EMBED_T, ExportError, layout
 from star_runtime.tokenizer import Tokenizer
+from star_training.checkpoint import save_model
 from star_training.config import PRESETS, StarConfig, base_config
 from star_training.model import StarForConditionalGeneration
 
@@ -99,7 +100,7 @@ def to_checkpoint(bundle: str | Path, out: str | Path) -> StarForConditionalGene
             view.copy_(torch.from_numpy(arrays.pop(name)).reshape(view.shape))
     if arrays:
         raise ExportError(f"{folder}: weights the model has no place for: {sorted(arrays)[:5]}")
-    model.save_pretrained(out, tokenizer_dir=folder)
+    save_model(model, out, tokenizer_dir=folder)
     return model
 
 

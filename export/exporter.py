@@ -63,7 +63,7 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[StarForConditionalGeneratio
         tokenizer = Tokenizer.from_dir(path)
     except TokenizerError as err:
         raise ExportError(f"the checkpoint has no usable tokenizer files ({err}); save it with "
-                          "save_pretrained(dir, tokenizer_dir=...)") from None
+                          "star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)") from None
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ExportError(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")

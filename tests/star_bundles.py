@@ -18,18 +18,18 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Pat
         import torch
 
         from star_runtime.tokenizer import Tokenizer
+        from star_training.checkpoint import load_model, save_model
         from star_training.config import StarConfig
-        from star_training.model import StarForConditionalGeneration
 
         tokenizer = Tokenizer.from_dir(tokenizer_dir)
         torch.manual_seed(0)
-        model = StarForConditionalGeneration.from_pretrained(
+        model = load_model(
             preset="tiny", star_config=StarConfig(strategy_token_ids=tokenizer.strategy_ids),
             vocab_size=tokenizer.vocab_size)
         with torch.no_grad():
             model.star.gate_fc2.bias.zero_()
         path = tmp_path_factory.mktemp("tiny") / "ckpt"
-        model.save_pretrained(path, tokenizer_dir=tokenizer_dir)
+        save_model(model, path, tokenizer_dir=tokenizer_dir)
         _CACHE["ckpt"] = path
     return _CACHE["ckpt"]
 

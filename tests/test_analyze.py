@@ -16,7 +16,7 @@ from scipy import stats
 from esconv_fixture import write_esconv
 from star_runtime.tokenizer import Tokenizer
 from star_training import analyze_cli
-from star_training.checkpoint import load_model
+from star_training.checkpoint import load_model, save_model
 from star_training.config import StarConfig
 from star_training.data import build_examples, collate, load_conversations
 from star_training.hidden_clusters import cluster_states
@@ -32,7 +32,7 @@ def setup(tmp_path_factory, tokenizer_dir) -> dict[str, Path]:
         torch.manual_seed(0)
         model = load_model(preset="tiny", star_config=StarConfig(strategy_token_ids=tok.strategy_ids, use_star=use_star),
                            vocab_size=tok.vocab_size)
-        model.save_pretrained(root / name, tokenizer_dir=tokenizer_dir)
+        save_model(model, root / name, tokenizer_dir=tokenizer_dir)
     return {"joint": root / "joint", "star": root / "star", "data": write_esconv(root / "data")}
 
 

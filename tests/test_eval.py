@@ -21,7 +21,7 @@ from fake_openai import FakeOpenAI, Reply, completion, user_prompt
 from star_runtime.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS, STRATEGY_NAMES
 from star_runtime.tokenizer import Tokenizer
 from star_training import eval_cli, judge_cli
-from star_training.checkpoint import load_model
+from star_training.checkpoint import load_model, save_model
 from star_training.config import StarConfig
 from star_training.data import build_examples, collate, load_conversations
 from star_training.llm_responder import ShotSampler, parse_reply, train_shots
@@ -38,7 +38,7 @@ def setup(tmp_path_factory, tokenizer_dir) -> tuple[Path, Path]:
     torch.manual_seed(0)
     model = load_model(preset="tiny", star_config=StarConfig(strategy_token_ids=tok.strategy_ids),
                        vocab_size=tok.vocab_size)
-    model.save_pretrained(root / "model", tokenizer_dir=tokenizer_dir)
+    save_model(model, root / "model", tokenizer_dir=tokenizer_dir)
     return root / "model", write_esconv(root / "data")
 
 

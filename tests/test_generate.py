@@ -11,6 +11,7 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
+from star_training.checkpoint import load_model, save_model
 from star_training.config import StarConfig, base_config
 from star_training.generate import generate, warp_logits
 from star_training.model import StarForConditionalGeneration
@@ -123,8 +124,8 @@ def test_warp_logits_matches_transformers_processors() -> None:
 
 def test_sampling_is_reproducible_across_save_and_load(tmp_path) -> None:
     model = tiny_model()
-    model.save_pretrained(tmp_path / "ckpt")
-    loaded = StarForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
+    save_model(model, tmp_path / "ckpt")
+    loaded = load_model(tmp_path / "ckpt")
     input_ids, attention_mask = contexts()
 
     def sample(m, seed):

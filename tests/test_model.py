@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from transformers import BlenderbotSmallForConditionalGeneration
 
-from star_training.checkpoint import CheckpointError, load_model
+from star_training.checkpoint import CheckpointError, load_model, save_model
 from star_training.config import PRESETS, StarConfig, base_config
 from star_training.losses import dynamic_lambda
 from star_training.model import StarForConditionalGeneration, resize_vocab, trainable_parameters_for_stage
@@ -176,9 +176,9 @@ def test_star_config_rejects_bad_values() -> None:
 # -- checkpoints ----------------------------------------------------------------------------------
 def test_save_load_save_is_byte_identical(tmp_path) -> None:
     model = tiny_model()
-    model.save_pretrained(tmp_path / "a")
-    loaded = StarForConditionalGeneration.from_pretrained(tmp_path / "a")
-    loaded.save_pretrained(tmp_path / "b")
+    save_model(model, tmp_path / "a")
+    loaded = load_model(tmp_path / "a")
+    save_model(loaded, tmp_path / "b")
     assert (tmp_path / "a/model.safetensors").read_bytes() == (tmp_path / "b/model.safetensors").read_bytes()
     assert loaded.star_config == model.star_config
     b = batch()
@@ -193,7 +193,7 @@ def test_checkpoint_opens_in_transformers_and_keeps_the_tokenizer(tmp_path, toke
     from star_runtime.tokenizer import Tokenizer
 
     model = tiny_model()
-    model.save_pretrained(tmp_path / "ckpt", tokenizer_dir=tokenizer_dir)
+    save_model(model, tmp_path / "ckpt", tokenizer_dir=tokenizer_dir)
     assert Tokenizer.from_dir(tmp_path / "ckpt").strategy_ids == Tokenizer.from_dir(tokenizer_dir).strategy_ids
     base = BlenderbotSmallForConditionalGeneration.from_pretrained(tmp_path / "ckpt")
     assert torch.equal(base.lm_head.weight, model.base.lm_head.weight)
@@ -212,10 +212,10 @@ def test_a_base_folder_gets_the_strategy_tokens_and_a_fresh_star(tmp_path) -> No
 
 
 def test_a_stage_1_checkpoint_takes_a_new_star_config(tmp_path) -> None:
-    tiny_model(use_star=False).save_pretrained(tmp_path / "s1")
+    save_model(tiny_model(use_star=False), tmp_path / "s1")
     model = load_model(tmp_path / "s1", star_config=StarConfig(strategy_token_ids=STRATEGY_IDS, gate="scalar"))
     assert model.star.gate_fc2.out_features == 1 and model.star_config.use_star
-    tiny_model().save_pretrained(tmp_path / "s2")  # trained STAR weights must fit the new config
+    save_model(tiny_model(), tmp_path / "s2")  # trained STAR weights must fit the new config
     with pytest.raises(CheckpointError, match="2 with wrong shapes: star.gate_fc2"):
         load_model(tmp_path / "s2", star_config=StarConfig(strategy_token_ids=STRATEGY_IDS, gate="scalar"))
 
@@ -259,7 +259,7 @@ def _corrupt(folder, what: str) -> None:
     ],
 )
 def test_bad_checkpoints_raise_a_clear_checkpoint_error(tmp_path, what: str, message: str) -> None:
-    tiny_model().save_pretrained(tmp_path / "ckpt")
+    save_model(tiny_model(), tmp_path / "ckpt")
     _corrupt(tmp_path / "ckpt", what)
     with pytest.raises(CheckpointError, match=message):
         load_model(tmp_path / "ckpt")
@@ -273,5 +273,5 @@ def test_missing_folders_and_non_checkpoints(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="is a file"):
         load_model(tmp_path / "f.txt", star_config=star)
     with pytest.raises(CheckpointError, match="refusing to replace"):
-        tiny_model().save_pretrained(tmp_path)
+        save_model(tiny_model(), tmp_path)
     assert (tmp_path / "f.txt").read_text() == "x"

@@ -18,7 +18,6 @@ not part of L_LM and PPL = exp(nll_sum / n_tokens) is exactly the SPEC's.
 
 from __future__ import annotations
 
-from os import PathLike
 from typing import NamedTuple
 
 import torch
@@ -166,27 +165,6 @@ class StarForConditionalGeneration(nn.Module):
         if strategy is not None:
             loss_st = F.cross_entropy(strategy_logits, strategy)
         return StarOutput(strategy_logits, lm_logits, loss_lm, loss_st, nll_sum, n_tokens, h, fused)
-
-    # -- checkpoints (training/checkpoint.py) ---------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls,
-        name_or_path: str | PathLike | None = None,
-        *,
-        star_config: StarConfig | None = None,
-        preset: str | None = None,
-        vocab_size: int | None = None,
-    ) -> "StarForConditionalGeneration":
-        """See `star_training.checkpoint.load_model`."""
-        from star_training.checkpoint import load_model
-
-        return load_model(name_or_path, star_config=star_config, preset=preset, vocab_size=vocab_size)
-
-    def save_pretrained(self, directory: str | PathLike, tokenizer_dir: str | PathLike | None = None) -> None:
-        """See `star_training.checkpoint.save_model`."""
-        from star_training.checkpoint import save_model
-
-        save_model(self, directory, tokenizer_dir=tokenizer_dir)
 
 
 def resize_vocab(base: BlenderbotSmallForConditionalGeneration, vocab_size: int) -> None:

@@ -1,6 +1,6 @@
 """A training checkpoint: the model folder, plus what `--resume` needs to continue exactly.
 
-    OUT/last/                 the model's save_pretrained folder (configs, weights, tokenizer)
+    OUT/last/                 the model's checkpoint folder (save_model) (configs, weights, tokenizer)
         train_config.json     the run's settings (star-eval reads the data settings from it)
         trainer_state.pt      optimizer, scheduler, RNG of every rank, position, run config
     OUT/best/                 the model folder at the best validation loss (no trainer state)
@@ -29,7 +29,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from star_runtime.tokenizer import Tokenizer
-from star_training.checkpoint import RUN_BEST, RUN_LAST, check_replaceable, is_checkpoint
+from star_training.checkpoint import RUN_BEST, RUN_LAST, check_replaceable, is_checkpoint, save_model
 from star_training.distributed import DistContext
 from star_training.folders import existing_folder, recover_folder, write_folder_atomically
 from star_training.model import StarForConditionalGeneration
@@ -112,7 +112,7 @@ def save_model_folder(
 def _fill_model_folder(
     tmp: Path, model: StarForConditionalGeneration, tokenizer: Tokenizer, run_config: dict[str, Any]
 ) -> None:
-    model.save_pretrained(tmp)  # into the empty folder first: save_pretrained replaces only checkpoints
+    save_model(model, tmp)  # into the empty folder first: save_model replaces only checkpoints
     tokenizer.save(tmp)
     # How the model was trained, for star-eval (the data settings) and for readers.
     (tmp / TRAIN_CONFIG).write_text(json.dumps(run_config, indent=2) + "\n")
