@@ -156,6 +156,7 @@ class Artifacts:
         import torch
 
         from star_runtime.tokenizer import Tokenizer
+        from star_training.checkpoint import save_model
         from star_training.config import StarConfig, base_config
         from star_training.model import StarForConditionalGeneration
 
