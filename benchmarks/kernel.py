@@ -37,7 +37,6 @@ import datetime
 import json
 import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 
 PRECISIONS = {  # name: (dtype name, torch.set_float32_matmul_precision)
@@ -400,13 +399,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_json(path: str, report: dict) -> None:
-    """Atomic: a temp file beside the target, then os.replace."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(report, f, indent=1)
-    os.replace(tmp, path)
+    """Write `report` as JSON to `path` atomically, creating its folder."""
+    from star_runtime.atomic import write_text_atomically
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    write_text_atomically(path, json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

@@ -112,7 +112,9 @@ def write_png(result: dict[str, Any], path: Path) -> None:
     m = result["machine"]
     fig.suptitle(f"STAR latency on {m['cpu_model']}, {s['threads']} threads ({s['device']}), {result['date'][:10]}")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+    from star_runtime.atomic import write_atomically
+
+    try:
+        write_atomically(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    finally:
+        plt.close(fig)

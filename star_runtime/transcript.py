@@ -24,11 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from star_runtime.atomic import write_text_atomically
 from star_runtime.conversation import Reply
 
 TRANSCRIPT_FORMAT = 1
@@ -79,17 +79,8 @@ class Transcript:
         Raises OSError (missing folder, no permission, path is a folder) and leaves `path` as it was.
         """
         path = Path(path).expanduser()
-        # mkstemp creates the file with mode 0600, which os.replace keeps: a transcript is what a
-        # person said about their mental health, readable by its owner only.
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False, indent=2)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # Mode 0600: a transcript is what a person said about their mental health, readable by its
+        # owner only. fsync'ed: the person asked for it to be kept.
+        text = json.dumps(self.to_dict(), ensure_ascii=False, indent=2) + "\n"
+        write_text_atomically(path, text, private=True, durable=True)
         return path

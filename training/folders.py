@@ -23,6 +23,8 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from star_runtime.atomic import write_atomically
+
 
 def _aside(dest: Path) -> Path:
     return dest.with_name(f".{dest.name}.old")
@@ -104,13 +106,10 @@ def existing_folder(dest: Path) -> Path | None:
 
 
 def save_figure_atomically(fig, png: Path, *, dpi: int = 100) -> None:
-    """Write a matplotlib figure to `png` through a temporary file, then close the figure."""
+    """Write a matplotlib figure to `png` atomically (star_runtime.atomic), then close the figure."""
     import matplotlib.pyplot as plt
 
-    png = Path(png)
-    tmp = png.with_name(f".{png.name}.tmp-{os.getpid()}.png")
     try:
-        fig.savefig(tmp, dpi=dpi)
+        write_atomically(png, lambda tmp: fig.savefig(tmp, dpi=dpi))
     finally:
         plt.close(fig)
-    os.replace(tmp, png)
