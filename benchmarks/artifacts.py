@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from harness import BenchmarkError, library_versions
+from harness import BenchmarkError, BenchmarkUsageError, library_versions
 
 KEYS_FILE = "artifacts.json"
 OPTIMUM_UNUSED = ("decoder_model.onnx", "decoder_with_past_model.onnx")  # the merged decoder replaces both
@@ -62,9 +62,9 @@ def resolve_source(checkpoint: Path | None, tokenizer: Path | None, preset: str,
     random model); a BenchmarkError names what is missing."""
     if checkpoint is not None:
         if not (checkpoint / "star_config.json").is_file():
-            raise BenchmarkError(f"{checkpoint}: not a STAR checkpoint folder (no star_config.json)")
+            raise BenchmarkUsageError(f"{checkpoint}: not a STAR checkpoint folder (no star_config.json)")
         if not (checkpoint / "vocab.json").is_file():
-            raise BenchmarkError(f"{checkpoint}: no tokenizer files beside the weights (star-export needs them too); "
+            raise BenchmarkUsageError(f"{checkpoint}: no tokenizer files beside the weights (star-export needs them too); "
                                  "save it with star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)")
         return ModelSource(f"checkpoint {checkpoint}", checkpoint=str(checkpoint.resolve()))
     from star_runtime.bundle import load_manifest
@@ -86,7 +86,7 @@ def resolve_source(checkpoint: Path | None, tokenizer: Path | None, preset: str,
 
         tokenizer = DEFAULT_TOKENIZER
     if not (tokenizer / "vocab.json").is_file():
-        raise BenchmarkError(f"no default bundle and no tokenizer files in {tokenizer}: pass --checkpoint CKPT, "
+        raise BenchmarkUsageError(f"no default bundle and no tokenizer files in {tokenizer}: pass --checkpoint CKPT, "
                              "or --tokenizer DIR (BlenderBot-Small's vocab.json and merges.txt)")
     real = " (the real BlenderBot-Small-90M configuration)" if preset == "base" else ""
     return ModelSource(f"random weights, preset {preset!r}{real}",

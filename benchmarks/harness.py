@@ -49,7 +49,12 @@ WORKER = Path(__file__).with_name("backends.py")
 
 
 class BenchmarkError(Exception):
-    """A problem the user can fix or must know about; printed as one message, exit 1."""
+    """A benchmark that could not finish (a worker crashed or timed out, an export failed);
+    printed as one message, exit 1 (star_runtime.cli's rule)."""
+
+
+class BenchmarkUsageError(BenchmarkError):
+    """The command line or something it names is wrong; printed as one message, exit 2."""
 
 
 @dataclass

@@ -246,11 +246,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from star_kernels import star_triton
     from star_kernels.reference import StarModule, empty_state
+    from star_runtime.cli import EXIT_USAGE
 
     console = Console(width=200)  # the table has 14 columns; logs are not terminals
     if args.time > star_triton.MAX_T:
         console.print(f"[red]--time {args.time} is past the fused kernel's limit of {star_triton.MAX_T}")
-        return 2
+        return EXIT_USAGE
     ceilings = measure_ceilings(torch, do_bench, args.precisions)
     report = {
         "device": torch.cuda.get_device_name(),

@@ -36,8 +36,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import (REPETITION_PENALTY, TIMINGS, BenchmarkError, WorkerSpec, folder_bytes,  # noqa: E402
-                     machine_description, run_json_script, run_worker, summarize, wait_for_quiet)
+from harness import (REPETITION_PENALTY, TIMINGS, BenchmarkError, BenchmarkUsageError, WorkerSpec,  # noqa: E402
+                     folder_bytes, machine_description, run_json_script, run_worker, summarize, wait_for_quiet)
+
+from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE  # noqa: E402
 
 FLOOR_SCRIPT = Path(__file__).with_name("floor.py")
 
@@ -134,13 +136,13 @@ def parse_backends(text: str, device: str) -> list[str]:
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in BACKENDS]
     if unknown or not names:
-        raise BenchmarkError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; "
+        raise BenchmarkUsageError(f"unknown backend(s) {', '.join(unknown) or '(none given)'}; "
                              f"choose from {', '.join(BACKENDS)}")
     if len(set(names)) != len(names):
-        raise BenchmarkError(f"a backend is named twice in --backends {text}")
+        raise BenchmarkUsageError(f"a backend is named twice in --backends {text}")
     wrong = [n for n in names if device not in BACKENDS[n].devices]
     if wrong:
-        raise BenchmarkError(f"{', '.join(wrong)} cannot run on {device}: "
+        raise BenchmarkUsageError(f"{', '.join(wrong)} cannot run on {device}: "
                              + "; ".join(f"{n} runs on {' or '.join(BACKENDS[n].devices)}" for n in wrong))
     return names
 
@@ -211,7 +213,7 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
     names = parse_backends(args.backends or DEFAULT_BACKENDS[args.device], args.device)
     runtimes = [n for n in names if BACKENDS[n].precision]
     if args.batch > 1 and runtimes:
-        raise BenchmarkError(f"{', '.join(runtimes)}: star_runtime decodes one conversation per call (no batch "
+        raise BenchmarkUsageError(f"{', '.join(runtimes)}: star_runtime decodes one conversation per call (no batch "
                              "API); use --batch 1, or --backends eager,optimum for batches")
     defaults = QUICK if args.quick else FULL
     repeats = args.repeats or defaults["repeats"]
@@ -227,14 +229,14 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
         config = model_config(checkpoint)
         positions = config["max_position_embeddings"]
         if args.context_len > positions or args.reply_len + 2 > positions:
-            raise BenchmarkError(f"the model has {positions} positions: --context-len "
+            raise BenchmarkUsageError(f"the model has {positions} positions: --context-len "
                                  f"{args.context_len} / --reply-len {args.reply_len} do not fit")
         paths = {name: checkpoint if name == "eager" else artifacts.optimum() if name == "optimum"
                  else artifacts.bundle(BACKENDS[name].precision, star=BACKENDS[name].star) for name in names}
         for name in runtimes:  # the runtime keeps the last max_source_length tokens, as in training
             limit = json.loads((paths[name] / "manifest.json").read_text())["generation"]["max_source_length"]
             if args.context_len > limit:
-                raise BenchmarkError(f"{name}: the bundle reads at most {limit} context tokens, not "
+                raise BenchmarkUsageError(f"{name}: the bundle reads at most {limit} context tokens, not "
                                      f"--context-len {args.context_len}")
         ids, special = context_ids(checkpoint, args.batch, args.context_len, args.seed)
         backends = {name: time_backend(name, paths[name], WorkerSpec(
@@ -287,15 +289,15 @@ def main(argv: list[str] | None = None) -> int:
             write_json(result, args.out_json)
         if args.out_png:
             write_png(result, args.out_png)
-    except BenchmarkError as e:
+    except BenchmarkUsageError as e:
         err.print(f"latency.py: {e}", markup=False, soft_wrap=True)
-        return 1
-    except OSError as e:
+        return EXIT_USAGE
+    except (BenchmarkError, OSError) as e:
         err.print(f"latency.py: {e}", markup=False, soft_wrap=True)
-        return 1
+        return EXIT_FAILURE
     except KeyboardInterrupt:
-        return 130
-    return 0
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -133,8 +133,10 @@ def main(argv: list[str] | None = None) -> int:
         cmd += ["--device", args.device]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
+            from star_runtime.cli import EXIT_FAILURE  # here, not at the top: the children measure RSS
+
             print(f"{path}: failed\n{done.stderr}", file=sys.stderr)
-            return 1
+            return EXIT_FAILURE
         print(done.stdout.strip().splitlines()[-1])  # one JSON object per line
     return 0
 

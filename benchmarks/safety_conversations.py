@@ -18,6 +18,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from star_runtime.cli import EXIT_USAGE
 from star_runtime.safety import detect_crisis
 from star_training.cli_common import DEFAULT_DATA
 from star_training.data import SEEKER, DataError, load_conversations
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         conversations = load_conversations(args.data, args.split)
     except DataError as err:
         print(f"safety_conversations: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     messages = [t.text for c in conversations for t in c.turns if t.speaker == SEEKER]
     t0 = time.perf_counter()
     verdicts = [detect_crisis(m) for m in messages]

@@ -45,6 +45,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine_description, summarize, wait_for_quiet  # noqa: E402
 
+from star_runtime.cli import EXIT_USAGE  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "star_runtime" / "data" / "default_bundle"
 MODES = ("off",)  # batching: "off" = one request at a time; a batching worker adds "on"
@@ -239,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in bundles:
         if not (bundle / "manifest.json").is_file():
             print(f"serve.py: error: {bundle} is not a bundle folder (no manifest.json)", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
     log = lambda line: print(f"serve.py: {line}", file=sys.stderr, flush=True)  # noqa: E731
     started = datetime.now(timezone.utc)
     rows = [row for bundle in bundles for row in bench_bundle(bundle, args, log)]

@@ -26,6 +26,7 @@ import onnx
 import torch
 
 from star_export.weights import EMBED, EMBED_T, ExportError, layout
+from star_runtime.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from star_runtime.tokenizer import Tokenizer
 from star_training.checkpoint import save_model
 from star_training.config import PRESETS, StarConfig, base_config
@@ -111,14 +112,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.out.exists():
         print(f"dequantize: error: {args.out} exists; choose a new checkpoint folder", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    if not (args.bundle / "manifest.json").is_file():
+        print(f"dequantize: error: {args.bundle} is not a bundle folder (no manifest.json)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         to_checkpoint(args.bundle, args.out)
-    except (ExportError, OSError, ValueError, KeyError) as err:
+    except (ExportError, ValueError, KeyError) as err:  # the bundle's content is wrong
         print(f"dequantize: error: {err}", file=sys.stderr)
-        return 1
+        return EXIT_USAGE
+    except OSError as err:  # reading or writing failed
+        print(f"dequantize: error: {err}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"wrote {args.out}")
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

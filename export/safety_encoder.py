@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from star_runtime.atomic import write_text_atomically
+from star_runtime.cli import EXIT_USAGE
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "star_runtime" / "data" / "safety" / "encoder"
 PROTOTYPES = DEFAULT_OUT.parent / "prototypes.jsonl"
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model is not None:
         if not (args.model / "config.json").is_file() or not (args.model / "vocab.txt").is_file():
             print(f"safety_encoder: {args.model} has no config.json and vocab.txt: not a MiniLM folder", file=sys.stderr)
-            return 2
+            return EXIT_USAGE
         export_encoder(args.model, args.out)
         write_text_atomically(args.out / "vocab.txt", (args.model / "vocab.txt").read_text(encoding="utf-8"))
         write_text_atomically(args.out / "README.md", README)
