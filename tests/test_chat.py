@@ -378,7 +378,7 @@ def test_no_model_loads_the_shipped_default(monkeypatch) -> None:
 
     monkeypatch.delenv("STAR_BUNDLE", raising=False)
     shipped = default_bundle()
-    assert shipped is not None, "star_runtime/data/default_bundle is missing (issue 8 ships it)"
+    assert shipped is not None, "star_runtime/data/default_bundle is missing (star-chat without --model runs it)"
     manifest = load_manifest(shipped)  # every file present, sizes and sha256 as exported
     assert manifest["precision"] == "int8"
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 30e6  # the issue's ~30 MB bound

@@ -1,4 +1,4 @@
-"""Issue 8's commands end to end on a slice of the real ESConv data (docs/results.md, small).
+"""The results pipeline end to end on a slice of the real ESConv data (docs/results.md, small).
 
 size sweep -> star-train stage 1 (Joint) -> stage 2 (+ STAR) and the Joint control (stage 1 again
 from Joint) -> star-eval all three -> star-analyze Joint and STAR -> star-export float32 and int8
