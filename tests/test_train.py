@@ -257,3 +257,15 @@ def test_console_script_reports_without_traceback(tmp_path) -> None:
     assert run.returncode == 2
     assert run.stderr.strip() == (f"star-train: error: --data {tmp_path / 'none'} does not exist; pass a folder of "
                                   "train/valid/test.txt files or an ESConv.json")
+
+
+def test_an_unusable_device_is_a_user_error(monkeypatch, capsys) -> None:
+    from star_training.cli_common import run_cli
+    from star_training.distributed import TorchDeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(TorchDeviceError, match="sees no CUDA GPU"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+    assert run_cli("star-train", lambda: resolve_device("tpu") and 0) == 2
+    assert capsys.readouterr().err == "star-train: error: --device must be auto, cpu or cuda, not 'tpu'\n"

@@ -28,7 +28,7 @@ from star_runtime.terminal import printable
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 from star_training.checkpoint import CheckpointError
 from star_training.data import DataError
-from star_training.distributed import DeviceError
+from star_training.distributed import TorchDeviceError
 
 # An editable checkout sits beside ../shared/data (the licensed files are never in the repo).
 SHARED_DATA = Path(os.environ.get("STAR_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
@@ -150,7 +150,7 @@ def run_cli(prog: str, body: Callable[[], int]) -> int:
     """Run `body`, turning the errors a user can cause into `prog: error: ...` and an exit code."""
     try:
         return body()
-    except (CliError, CheckpointError, DeviceError, BundleError) as exc:
+    except (CliError, CheckpointError, TorchDeviceError, BundleError) as exc:
         print(f"{prog}: error: {printable(exc)}", file=sys.stderr)
         return EXIT_USAGE
     except (DataError, TokenizerError) as exc:  # their messages name the file and the problem

@@ -13,8 +13,9 @@ import torch
 import torch.distributed as dist
 
 
-class DeviceError(RuntimeError):
-    """The requested device cannot be used here."""
+class TorchDeviceError(RuntimeError):
+    """PyTorch cannot use the requested --device here (training and evaluation); a bundle that
+    cannot run on a device is star_runtime's DeviceError, a BundleError."""
 
 
 @dataclass(frozen=True)
@@ -35,11 +36,11 @@ class DistContext:
 
 
 def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
-    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a DeviceError."""
+    """'auto' -> CUDA when present, else CPU; 'cuda' without a GPU is a TorchDeviceError."""
     if choice not in ("auto", "cpu", "cuda"):
-        raise DeviceError(f"--device must be auto, cpu or cuda, not {choice!r}")
+        raise TorchDeviceError(f"--device must be auto, cpu or cuda, not {choice!r}")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
+        raise TorchDeviceError("--device cuda was asked for, but PyTorch sees no CUDA GPU")
     if choice == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
     torch.cuda.set_device(local_rank)
