@@ -61,11 +61,14 @@ def resolve_source(checkpoint: Path | None, tokenizer: Path | None, preset: str,
     """See the module docstring (--quick passes default_bundle_first=False: always the tiny
     random model); a BenchmarkError names what is missing."""
     if checkpoint is not None:
-        if not (checkpoint / "star_config.json").is_file():
-            raise BenchmarkUsageError(f"{checkpoint}: not a STAR checkpoint folder (no star_config.json)")
+        from star_training.checkpoint import is_checkpoint
+
+        if not is_checkpoint(checkpoint):
+            raise BenchmarkUsageError(f"{checkpoint}: not a STAR checkpoint folder (config.json, star_config.json "
+                                      "and model.safetensors)")
         if not (checkpoint / "vocab.json").is_file():
-            raise BenchmarkUsageError(f"{checkpoint}: no tokenizer files beside the weights (star-export needs them too); "
-                                 "save it with star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)")
+            raise BenchmarkUsageError(f"{checkpoint}: no tokenizer files beside the weights (star-export needs them "
+                                      "too); save it with star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)")
         return ModelSource(f"checkpoint {checkpoint}", checkpoint=str(checkpoint.resolve()))
     from star_runtime.bundle import load_manifest
     from star_runtime.runtime import default_bundle

@@ -95,6 +95,12 @@ def is_checkpoint(folder: str | PathLike) -> bool:
         return False
 
 
+def is_star_folder(folder: str | PathLike) -> bool:
+    """Whether `folder` holds STAR's own files (a star_config.json), complete or not, rather than
+    BlenderBot-Small's alone; `is_checkpoint` says whether it is complete."""
+    return (Path(folder) / STAR_CONFIG_FILE).is_file()
+
+
 def check_replaceable(folder: str | PathLike) -> None:
     """CheckpointError unless `folder` is absent, an empty folder, or a checkpoint (`is_checkpoint`):
     a writer replaces only what it wrote, never a user's files that happen to sit at that name."""
@@ -159,7 +165,7 @@ def load_model(
     """
     if (name_or_path is None) == (preset is None):
         raise ValueError("give either a checkpoint (name_or_path) or a preset, not both or neither")
-    if star_config is None and (preset is not None or not _is_star_folder(Path(name_or_path))):
+    if star_config is None and (preset is not None or not is_star_folder(name_or_path)):
         raise ValueError(
             f"{name_or_path or preset!r} has no STAR config: pass star_config with the tokenizer's strategy_token_ids"
         )
@@ -169,7 +175,7 @@ def load_model(
         return StarForConditionalGeneration(base_config(preset, vocab_size), star_config)
 
     path = Path(name_or_path)
-    if _is_star_folder(path):
+    if is_star_folder(path):
         model = _load_star_folder(path, star_config)
         if vocab_size is not None and vocab_size != model.config.vocab_size:
             raise CheckpointError(
@@ -185,8 +191,6 @@ def load_model(
         raise CheckpointError(f"{name_or_path}: {e}") from e
 
 
-def _is_star_folder(path: Path) -> bool:
-    return (path / STAR_CONFIG_FILE).is_file()
 
 
 def _load_base(name_or_path: str | PathLike) -> BlenderbotSmallForConditionalGeneration:

@@ -41,7 +41,8 @@ from transformers.models.blenderbot_small.modeling_blenderbot_small import Blend
 from star_runtime.cli import EXIT_INTERRUPTED, EXIT_OK
 from star_runtime.terminal import printable
 from star_runtime.tokenizer import Tokenizer
-from star_training.checkpoint import RUN_BEST, RUN_LAST, STAR_CONFIG_FILE, CheckpointError, load_model
+from star_training.checkpoint import (RUN_BEST, RUN_LAST, STAR_CONFIG_FILE, CheckpointError, is_star_folder,
+                                      load_model)
 from star_training.config import StarConfig
 from star_training.corpus import build_lm_examples, read_corpus, read_esconv
 from star_training.data import DataError, Example, build_examples, collate, load_conversations
@@ -142,7 +143,7 @@ def build_model(cfg: TrainConfig, tok: Tokenizer, resume_dir: Path | None) -> St
     if resume_dir is not None:
         model = load_model(resume_dir, vocab_size=tok.vocab_size)
     elif cfg.init is not None:
-        if not (Path(cfg.init) / STAR_CONFIG_FILE).is_file():
+        if not is_star_folder(cfg.init):
             raise CheckpointError(f"--init {cfg.init}: no {STAR_CONFIG_FILE}, so not a star-train checkpoint "
                                   "(BlenderBot-Small weights go to --base)")
         # A stage-1 checkpoint's STAR weights were never trained: they are still their
