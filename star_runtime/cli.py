@@ -1,6 +1,7 @@
 """What every command of the project shares: the exit-code rule and `--version`.
 
-Exit codes of star-chat, star-train, star-eval, star-analyze and star-export:
+Exit codes of star-chat, star-serve, star-train, star-eval, star-judge, star-analyze, star-export,
+the `python -m` tools (star_export.dequantize, .quality, .safety_encoder) and benchmarks' scripts that set one:
 
     0    done
     1    FAILURE: a correct command could not finish because of the machine -- the disk is full,
