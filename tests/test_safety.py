@@ -382,6 +382,23 @@ def test_ordinary_conversation_rarely_escalates(esconv_dir: Path) -> None:
     assert sum(detect_crisis(m).escalate for m in messages) <= MAX_ESCONV_VALID_ESCALATIONS
 
 
+def test_user_verdicts_are_remembered_within_a_bound(monkeypatch) -> None:
+    from star_runtime.safety import detector
+
+    rules = rule_set()
+    calls: list[str] = []
+    original = detector.RuleSet._check_user
+    monkeypatch.setattr(detector.RuleSet, "_check_user", lambda self, text: calls.append(text) or original(self, text))
+    monkeypatch.setattr(detector, "USER_VERDICTS", 3)
+    monkeypatch.setattr(rules, "_verdicts", {})
+    first = rules.check_user("I want to die")
+    assert rules.check_user("I want to die") is first and calls == ["I want to die"]
+    for text in ("a", "b", "c"):
+        rules.check_user(text)
+    assert len(rules._verdicts) == 3
+    assert rules.check_user("I want to die") == first and calls.count("I want to die") == 2  # evicted, checked again
+
+
 def test_semantic_screen_refuses_stale_embeddings(tmp_path: Path) -> None:
     from star_runtime.safety.semantic import SemanticScreen, encoder_dir
 
@@ -621,6 +638,7 @@ def _hundred_kb() -> dict[str, str]:
 def test_hundred_kb_message_is_fast(policy: SafetyPolicy, name: str) -> None:
     text = _hundred_kb()[name]
     assert len(text) >= 99_000
+    policy.rules._verdicts.clear()  # the time of a check, not of a remembered verdict
     t0 = time.process_time()
     verdict = policy.check_user(text)
     t1 = time.process_time()
