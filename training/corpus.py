@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from star_runtime.tokenizer import Tokenizer
-from star_training.data import DataError, Example, load_conversations
+from star_training.data import DataError, Example, load_conversations, read_json_lines
 from star_training.model import IGNORE_INDEX
 
 CHITCHAT, ESCONV_TRAIN = "chitchat", "esconv-train"
@@ -99,18 +99,8 @@ def read_esconv(data: str | os.PathLike[str], split: str = "train", use_situatio
 
 def read_turns_jsonl(file: Path) -> list[Dialogue]:
     """A deployment's transcripts: one {"turns": [[speaker, text], ...]} per line."""
-    try:
-        lines = file.read_text(encoding="utf-8").split("\n")
-    except (OSError, UnicodeDecodeError) as err:
-        raise DataError(f"{file}: cannot read: {err}") from None
     dialogues = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(f"{file}:{lineno}: malformed JSON (column {err.colno}): {err.msg}") from None
+    for lineno, obj in read_json_lines(file):
         turns = obj.get("turns") if isinstance(obj, dict) else None
         if not isinstance(turns, list) or not all(
             isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns

@@ -24,6 +24,7 @@ import json
 import os
 import random
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,17 +121,19 @@ def _read_text(file: Path) -> str:
         raise DataError(f"{file}: cannot read: {err}") from None
 
 
-def _read_split_file(file: Path) -> list[Conversation]:
-    conversations = []
+def read_json_lines(file: Path) -> Iterator[tuple[int, object]]:
+    """(line number, value) of every non-blank line of a JSON Lines file; DataError names the line."""
     for lineno, line in enumerate(_read_text(file).split("\n"), start=1):
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            yield lineno, json.loads(line)
         except json.JSONDecodeError as err:
             raise DataError(f"{file}:{lineno}: malformed JSON (column {err.colno}): {err.msg}") from None
-        conversations.append(_conversation(obj, f"{file}:{lineno}", original=False))
-    return conversations
+
+
+def _read_split_file(file: Path) -> list[Conversation]:
+    return [_conversation(obj, f"{file}:{lineno}", original=False) for lineno, obj in read_json_lines(file)]
 
 
 def _read_original(file: Path) -> list[Conversation]:

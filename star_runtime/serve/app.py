@@ -131,6 +131,14 @@ def _failure(err: Exception) -> APIError:
     return APIError(500, "internal error while decoding the reply", type="server_error", code="internal_error")
 
 
+def _raise_if_failed(call: "_Call", event: object) -> None:
+    """A request whose decoding failed ends as its OpenAI error (and is logged as such)."""
+    if isinstance(event, Failed):
+        err = _failure(event.error)
+        call.done(err.status)
+        raise err
+
+
 def _sse(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
@@ -223,10 +231,7 @@ def create_app(state: ServerState) -> Starlette:
         except APIError as err:
             call.done(err.status)
             raise
-        if isinstance(event, Failed):
-            err = _failure(event.error)
-            call.done(err.status)
-            raise err
+        _raise_if_failed(call, event)
         call.done(200, event.reply)
         return JSONResponse(schema.strategy_result(event.reply, model=state.model_name),
                             headers={schema.ESCALATION_HEADER: schema.escalation_header(event.reply)})
@@ -245,10 +250,7 @@ def create_app(state: ServerState) -> Starlette:
         except APIError as err:
             call.done(err.status)
             raise
-        if isinstance(event, Failed):
-            err = _failure(event.error)
-            call.done(err.status)
-            raise err
+        _raise_if_failed(call, event)
         if not req.stream:
             assert isinstance(event, Finished)
             call.done(200, event.reply)
