@@ -1,7 +1,8 @@
 """The results pipeline end to end on a slice of the real ESConv data (docs/results.md, small).
 
-size sweep -> star-train stage 1 (Joint) -> stage 2 (+ STAR) and the Joint control (stage 1 again
-from Joint) -> star-eval all three -> star-analyze Joint and STAR -> star-export float32 and int8
+size sweep -> star-train stage 0 (dialogue pretraining on chitchat and the slice's train split,
+docs/pretraining.md) -> stage 1 from it, beside stage 1 (Joint) from random weights -> stage 2
+(+ STAR) and the Joint control (stage 1 again from Joint) -> star-eval all four -> star-analyze Joint and STAR -> star-export float32 and int8
 -> star_export.quality -> star-chat on the int8 bundle.
 The same commands as docs/results.md, with the tiny preset and a few conversations, so the
 pipeline is checked where the real run is an hour per stage. The slice is written to tmp (the
@@ -48,6 +49,14 @@ def test_issue_8_commands_run_end_to_end_on_a_slice_of_esconv(esconv_dir, tokeni
     sweep = json.loads((runs / "sweep" / "sweep.json").read_text())["results"]["d128-L4-ffn512"]
     assert sweep["steps"] >= 1 and sweep["ppl"] > 1
 
+    pytest.importorskip("chitchat_dataset")
+    assert train_main(["--stage", "0", "--preset", "tiny", "--corpus", "chitchat", "--corpus", "esconv-train",
+                       "--length-buckets", "--max-steps", "3", *train, "--out", str(runs / "pretrain")]) == 0
+    start = next(json.loads(line) for line in (runs / "pretrain" / "log.jsonl").read_text().splitlines())
+    assert start["config"]["corpora"] == ["chitchat", "esconv-train"] and start["total_steps"] > 4 * 15_000
+    assert train_main(["--stage", "1", "--init", str(runs / "pretrain" / "last"), *train,
+                       "--out", str(runs / "joint-pretrained")]) == 0
+
     assert train_main(["--stage", "1", "--preset", "tiny", *train, "--out", str(runs / "joint")]) == 0
     assert train_main(["--stage", "2", "--init", str(runs / "joint" / "best"), *train, "--out", str(runs / "star")]) == 0
     # the Joint control: stage 1 again from Joint, for the steps stage 2 was given
@@ -58,7 +67,8 @@ def test_issue_8_commands_run_end_to_end_on_a_slice_of_esconv(esconv_dir, tokeni
         assert sum(r["kind"] == "valid" for r in records) == 4
         assert (runs / run / "curves.png").stat().st_size > 0
 
-    for run, model in (("joint", "best"), ("star", "best"), ("joint-control", "last")):  # the control stops mid epoch 1
+    for run, model in (("joint", "best"), ("joint-pretrained", "best"), ("star", "best"),
+                       ("joint-control", "last")):  # the control stops mid epoch 1
         out = runs / f"eval-{run}"
         assert eval_main([str(runs / run / model), *common, "--split", "test", "--limit", "8",
                           "--out", str(out)]) == 0
