@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from star_runtime.tokenizer import Tokenizer
-from star_training.data import DataError, Example, load_conversations, read_json_lines
+from star_training.data import DataError, Example, load_conversations, normalise_space, read_json_lines
 from star_training.model import IGNORE_INDEX
 
 CHITCHAT, ESCONV_TRAIN = "chitchat", "esconv-train"
@@ -44,15 +44,11 @@ class Dialogue:
     situation: str = ""
 
 
-def _norm(text: str) -> str:
-    return " ".join(text.split())
-
-
 def _merge(turns: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     """Join a speaker's consecutive turns into one (chat apps split a turn into messages)."""
     merged: list[tuple[str, str]] = []
     for speaker, text in turns:
-        text = _norm(text)
+        text = normalise_space(text)
         if not text:
             continue
         if merged and merged[-1][0] == speaker:

@@ -75,7 +75,8 @@ class Example:
     speakers: tuple[str, ...] = ()
 
 
-def _norm(text: str) -> str:
+def normalise_space(text: str) -> str:
+    """thu-coai's `_norm`: runs of whitespace as one space, none at the ends."""
     return " ".join(text.strip().split())
 
 
@@ -108,8 +109,8 @@ def _conversation(obj: object, where: str, original: bool) -> Conversation:
             if name not in STRATEGY_NAMES:
                 raise DataError(f"{at}: unknown strategy {name!r}, expected one of {list(STRATEGY_NAMES)}")
             strategy = STRATEGY_NAMES.index(name)
-        turns.append(Turn(speaker, _norm(text), strategy))
-    return Conversation(_norm(_field(obj, "situation", str, where)), tuple(turns))
+        turns.append(Turn(speaker, normalise_space(text), strategy))
+    return Conversation(normalise_space(_field(obj, "situation", str, where)), tuple(turns))
 
 
 def _read_text(file: Path) -> str:
