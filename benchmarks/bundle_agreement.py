@@ -30,7 +30,7 @@ bundle, inputs, out = sys.argv[1:4]
 rt = Runtime.load(bundle, threads=2)
 runs = [rt.generate(ids, max_new_tokens=40, repetition_penalty=rt.manifest["generation"]["repetition_penalty"])
         for ids in json.load(open(inputs))]
-json.dump([[g.strategy, g.tokens] for g in runs], open(out, "w"))
+json.dump([[g.strategy_id, g.tokens] for g in runs], open(out, "w"))
 """
 
 

@@ -41,8 +41,11 @@ from typing import Any
 
 import numpy as np
 
+from star_runtime.sampling import DecodingOptions
+
 TIMINGS = ("strategy_ms", "first_token_ms", "per_token_ms", "reply_ms")
-REPETITION_PENALTY = 1.03  # star_training.generate's default, also when greedy: every backend uses it
+# The project's penalty (DecodingOptions'), also when greedy: every backend uses it.
+REPETITION_PENALTY = DecodingOptions().repetition_penalty
 LIBRARIES = ("star-esc", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "transformers", "optimum",
              "optimum-onnx")
 WORKER = Path(__file__).with_name("backends.py")

@@ -64,7 +64,7 @@ try:
     out["reply_ms"] = (time.perf_counter() - start) * 1e3
     out.update(strategy=reply.strategy, tokens=list(reply.tokens), text=reply.text,
                strategy_probs=list(reply.strategy_probs.values()))
-    out["contexts"] = [[g.strategy, g.tokens] for g in (rt.generate(ids, max_new_tokens=40) for ids in contexts)]
+    out["contexts"] = [[g.strategy_id, g.tokens] for g in (rt.generate(ids, max_new_tokens=40) for ids in contexts)]
 except Exception as err:  # a release that cannot even run the graphs
     out.setdefault("status", "error")
     out["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"

@@ -45,15 +45,15 @@ def measure_bundle(path: str, reps: int, threads: int | None, profile: bool, dev
     from star_runtime.bundle import load_manifest
     from star_runtime.decoding import generate
     from star_runtime.engine import Engine
-    from star_runtime.sampling import SamplingParams
+    from star_runtime.sampling import DecodingOptions
 
     manifest = load_manifest(path, verify=False)
     prefix = os.path.join(tempfile.mkdtemp(), "ort") if profile else None
     engine = Engine.open(path, manifest, device=device, threads=threads, profile_prefix=prefix)
-    ids, greedy = _context(manifest["io"]["vocab_size"]), SamplingParams(do_sample=False)
+    ids, greedy = _context(manifest["io"]["vocab_size"]), DecodingOptions(do_sample=False, max_new_tokens=NEW_TOKENS)
     rows = []
     for i in range(reps + 1):  # the first run warms up
-        t = generate(engine, ids, greedy, max_new_tokens=NEW_TOKENS, stop_at_eos=False).timings
+        t = generate(engine, ids, greedy, stop_at_eos=False).timings
         if i:
             rows.append((t.total_ms, t.encoder_ms, t.strategy_ms - t.encoder_ms, t.per_token_ms))
     out = {"bundle": path, "precision": manifest["precision"], "device": device, **_summary(rows),

@@ -36,6 +36,7 @@ from star_runtime.bundle import (ENCODER_FILE, FORMAT_VERSION, MANIFEST_FILE, PR
                                  file_entry, load_manifest)
 from star_runtime.engine import Engine
 from star_runtime.manifest import MAX_MANIFEST_BYTES, BundleError, parse
+from star_runtime.sampling import DecodingOptions
 from star_runtime.selfcheck import TOLERANCE, decisive_steps, golden
 from star_runtime.strategies import STRATEGIES, STRATEGY_NAMES
 from star_runtime.tokenizer import Tokenizer, TokenizerError
@@ -43,11 +44,8 @@ from star_training.checkpoint import CheckpointError, load_model
 from star_training.folders import write_folder_atomically
 from star_training.model import StarForConditionalGeneration
 
-# The paper's decoding settings (SPEC section 1) and training's source length.
-GENERATION_DEFAULTS = {
-    "do_sample": True, "top_p": 0.3, "top_k": 30, "temperature": 0.7, "repetition_penalty": 1.03,
-    "max_new_tokens": 40, "max_source_length": 160,
-}
+# The paper's decoding options (DecodingOptions' defaults) and training's source length.
+GENERATION_DEFAULTS = {**DecodingOptions().as_manifest(), "max_source_length": 160}
 
 
 def load_checkpoint(checkpoint: str | Path) -> tuple[StarForConditionalGeneration, Tokenizer]:

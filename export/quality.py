@@ -84,8 +84,8 @@ def compare(ref_runs: list[Generation], ref_scores: dict[str, float], runs: list
             scores: dict[str, float]) -> dict[str, Any]:
     """Agreement (% of examples) and score deltas (bundle minus reference) of one bundle's decodes."""
     pairs = list(zip(ref_runs, runs))
-    return {"strategy_agreement": 100.0 * sum(a.strategy == b.strategy for a, b in pairs) / len(pairs),
-            "same_reply": 100.0 * sum((a.strategy, a.tokens) == (b.strategy, b.tokens) for a, b in pairs) / len(pairs),
+    return {"strategy_agreement": 100.0 * sum(a.strategy_id == b.strategy_id for a, b in pairs) / len(pairs),
+            "same_reply": 100.0 * sum((a.strategy_id, a.tokens) == (b.strategy_id, b.tokens) for a, b in pairs) / len(pairs),
             "deltas": {k: scores[k] - ref_scores[k] for k in SCORES}}
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             runs = [rt.generate(e.input_ids, do_sample=False, max_new_tokens=max_new, repetition_penalty=penalty)
                     for e in examples]
             steps = [ms for g in runs for ms in g.timings.token_ms]
-            scores = {**strategy_scores(gold, [g.strategy for g in runs]),
+            scores = {**strategy_scores(gold, [g.strategy_id for g in runs]),
                       **generation_scores([rt.tokenizer.decode(g.tokens) for g in runs], references),
                       "decode_s": sum(g.timings.total_ms for g in runs) / 1e3,
                       "ms_per_token": sum(steps) / len(steps) if steps else 0.0}

@@ -64,7 +64,7 @@ from rich.text import Text
 
 from star_runtime import DeviceError, Reply, Runtime
 from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_version
-from star_runtime.decoding import NonFiniteOutputError
+from star_runtime.decoding import NonFiniteOutputError, Timings
 from star_runtime.runtime import BUNDLE_ENV
 from star_runtime.safety import SafetyPolicy
 from star_runtime.terminal import printable
@@ -312,11 +312,11 @@ def printable_record(record: dict) -> dict:
             "strategy_probs": {printable(k): v for k, v in record["strategy_probs"].items()}}
 
 
-def format_timings(t: dict[str, float]) -> str:
-    """'412 ms; 40 tokens, 9.1 ms/token, first at 51 ms' (keys: Reply.timings)."""
-    text = f"{t['reply_ms']:.0f} ms"
-    if t.get("tokens"):
-        text += f"; {t['tokens']:.0f} tokens, {t['per_token_ms']:.1f} ms/token, first at {t['first_token_ms']:.0f} ms"
+def format_timings(t: Timings) -> str:
+    """'412 ms; 40 tokens, 9.1 ms/token, first at 51 ms' (Reply.timings)."""
+    text = f"{t.reply_ms:.0f} ms"
+    if t.token_ms:
+        text += f"; {len(t.token_ms)} tokens, {t.per_token_ms:.1f} ms/token, first at {t.first_token_ms:.0f} ms"
     return text
 
 

@@ -49,17 +49,17 @@ from __future__ import annotations
 
 import time
 import unicodedata
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from star_runtime.decoding import generate
+from star_runtime.decoding import Generation, Timings, drive, generate, steps
 from star_runtime.detok import readable
 from star_runtime.safety import CATEGORIES, SafetyVerdict
 from star_runtime.safety.stream import ScreenedStream
-from star_runtime.sampling import SamplingParams
+from star_runtime.sampling import DecodingOptions
 
 if TYPE_CHECKING:
     from star_runtime.runtime import Runtime
@@ -90,18 +90,65 @@ class Reply:
     """What `Conversation.reply` returns.
 
     strategy: the strategy's name ("Question", ...; None when the safety layer answered without
-    the model); strategy_probs: name -> probability; timings: milliseconds (see
-    decoding.Timings.as_dict) plus "reply_ms", the whole call; escalated: the safety layer
-    answered or replaced the model's reply, and `escalation` says why.
+    the model); strategy_probs: name -> probability ({} without the model); timings: the
+    decoding's (decoding.Timings, zeros where the model did not run) and reply_ms, the whole
+    call; escalated: the safety layer answered or replaced the model's reply, and `escalation`
+    says why; stopped: the app's callback (or `ReplyStream.stop`) ended the reply early.
     """
 
     text: str
     strategy: str | None
     strategy_probs: dict[str, float]
-    timings: dict[str, float]
+    timings: Timings
     escalated: bool = False
     tokens: tuple[int, ...] = field(default=(), repr=False)  # the response ids (the model's)
     escalation: Escalation | None = None
+    stopped: bool = False
+
+
+class ReplyStream:
+    """The iterator face of `Conversation.reply`: iterating gives the reply's text pieces as they
+    pass the safety screen; `reply` is the Reply once the iteration has ended. `stop()` ends the
+    reply after the last piece taken (what a callback returning False does) and returns it.
+
+        stream = conv.stream("I can't sleep.")
+        for piece in stream:
+            print(piece, end="")
+        stream.reply.strategy
+    """
+
+    def __init__(self, loop: Generator[str, bool | None, Reply]) -> None:
+        self._loop = loop
+        self._started = False
+        self.reply: Reply | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        return self
+
+    def __next__(self) -> str:
+        return self._advance(stop=False)
+
+    def _advance(self, *, stop: bool) -> str:
+        if self.reply is not None:
+            raise StopIteration
+        try:
+            piece = self._loop.send(stop) if self._started else next(self._loop)
+        except StopIteration as done:
+            self.reply = done.value
+            raise StopIteration from None
+        self._started = True
+        return piece
+
+    def stop(self) -> Reply:
+        """End the reply here (nothing more is decoded or passed on) and return it."""
+        try:
+            self._advance(stop=self._started)
+            while True:
+                self._advance(stop=True)
+        except StopIteration:
+            pass
+        assert self.reply is not None
+        return self.reply
 
 
 def _blank(text: str) -> bool:
@@ -138,11 +185,11 @@ class Conversation:
     or TypeError naming the message (`history[3]: ...`) for one that cannot be used.
     """
 
-    def __init__(self, runtime: Runtime, situation: str | None, seed: int | None, params: SamplingParams,
-                 max_new_tokens: int, history: Sequence[Mapping[str, Any]] = ()) -> None:
+    def __init__(self, runtime: Runtime, situation: str | None, seed: int | None, params: DecodingOptions,
+                 history: Sequence[Mapping[str, Any]] = ()) -> None:
         if situation is not None and not isinstance(situation, str):
             raise TypeError(f"situation must be text or None, not {type(situation).__name__}")
-        self.runtime, self.params, self.max_new_tokens = runtime, params, max_new_tokens
+        self.runtime, self.params = runtime, params
         self.situation = situation
         self.rng = np.random.default_rng(seed)
         self.max_source = int(runtime.manifest["generation"]["max_source_length"])
@@ -199,7 +246,7 @@ class Conversation:
         and its reply was replaced."""
         text = self.runtime.safety.crisis_reply(escalation.category)
         strategy, probs, tokens = model if model is not None else (None, {}, ())
-        return Reply(text, strategy, probs, {"reply_ms": (time.perf_counter() - start) * 1e3}, escalated=True,
+        return Reply(text, strategy, probs, Timings(reply_ms=(time.perf_counter() - start) * 1e3), escalated=True,
                      tokens=tokens, escalation=escalation)
 
     def _escalated(self, escalation: Escalation, start: float, model: tuple | None = None) -> Reply:
@@ -236,18 +283,28 @@ class Conversation:
         if crisis is not None:
             return crisis
         strategy, probs, timings = self._predict(self.context_ids(cleaned))
-        return Reply("", strategy, probs, {**timings, "reply_ms": (time.perf_counter() - start) * 1e3})
+        timings.reply_ms = (time.perf_counter() - start) * 1e3
+        return Reply("", strategy, probs, timings)
 
-    def _predict(self, context: list[int]) -> tuple[str, dict[str, float], dict[str, float]]:
+    def _predict(self, context: list[int]) -> tuple[str, dict[str, float], Timings]:
         """The strategy for `context` (encoder and decoder position 0 only), its distribution, timings."""
-        gen = generate(self.runtime.engine, context, self.params, max_new_tokens=0)
+        gen = generate(self.runtime.engine, context, self.params.but(max_new_tokens=0))
         labels = self.runtime.manifest["strategies"]["labels"]
-        return labels[gen.strategy], dict(zip(labels, map(float, gen.strategy_probs))), gen.timings.as_dict()
+        return labels[gen.strategy_id], dict(zip(labels, map(float, gen.strategy_probs))), gen.timings
 
     def reply(self, text: str, on_token: Callable[[str], bool | None] | None = None) -> Reply:
         """Answer one user message. on_token(piece) gets the reply's text as it is generated, only
-        after the safety screen has passed it; returning False stops the reply there.
-        ValueError for an empty message or binary data."""
+        after the safety screen has passed it; returning False stops the reply there (the one stop
+        rule, decoding.stops). ValueError for an empty message or binary data."""
+        return drive(self._replying(text), on_token)
+
+    def stream(self, text: str) -> ReplyStream:
+        """`reply` as an iterator over the screened text pieces (ReplyStream). The checks of the
+        message run at the first `next`."""
+        return ReplyStream(self._replying(text))
+
+    def _replying(self, text: str) -> Generator[str, bool | None, Reply]:
+        """The reply to `text` as a generator: yields screened pieces, `send(True)` stops, returns the Reply."""
         start = time.perf_counter()
         rt = self.runtime
         cleaned, crisis = self._check(text, start)
@@ -259,30 +316,38 @@ class Conversation:
             self._messages.append({"role": "assistant", "content": crisis.text, "strategy": None})
             return crisis
 
-        stream = rt.tokenizer.create_stream()
-        screen = ScreenedStream(rt.safety, on_token, crisis_category=self._crisis, render=readable)
-
-        def callback(token_id: int) -> bool | None:
-            piece = stream.decode(token_id)
-            return screen.feed(piece) if piece else None
-
-        gen = generate(rt.engine, self.context_ids(), self.params, max_new_tokens=self.max_new_tokens,
-                       rng=self.rng, on_token=callback)
+        pieces = rt.tokenizer.create_stream()
+        released: list[str] = []
+        screen = ScreenedStream(rt.safety, released.append, crisis_category=self._crisis, render=readable)
+        loop = steps(rt.engine, self.context_ids(), self.params, rng=self.rng)
+        try:
+            token = next(loop)
+            while True:
+                piece = pieces.decode(token)
+                safe = screen.feed(piece) if piece else True
+                stop = not safe
+                for new in released:
+                    stop = bool((yield new)) or stop
+                released.clear()
+                screen.app_stopped = screen.app_stopped or (stop and safe)
+                token = loop.send(stop)
+        except StopIteration as done:
+            gen: Generation = done.value
         # A reply cut off at max_new_tokens can end inside a word: its BPE mark "@@" (what
-        # stream.flush() would give) is tokenizer bookkeeping, not text for a person.
+        # pieces.flush() would give) is tokenizer bookkeeping, not text for a person.
         verdict = screen.finish(rt.tokenizer.decode(gen.tokens).removesuffix("@@"))
-        reply_text = screen.text  # as written English (star_runtime.detok)
+        for new in released:  # the rest, once the whole reply is screened (nothing left to stop)
+            yield new
         labels = rt.manifest["strategies"]["labels"]
-        probs = dict(zip(labels, map(float, gen.strategy_probs)))
+        strategy, probs = labels[gen.strategy_id], dict(zip(labels, map(float, gen.strategy_probs)))
         if verdict.escalate:
-            reply = self._escalated(Escalation.of("model_reply", verdict), start,
-                                    (labels[gen.strategy], probs, tuple(gen.tokens)))
+            reply = self._escalated(Escalation.of("model_reply", verdict), start, (strategy, probs, tuple(gen.tokens)))
             self._messages.append({"role": "assistant", "content": reply.text, "strategy": None})
             return reply
-        self._remember([rt.manifest["strategies"]["token_ids"][gen.strategy], *gen.tokens])
-        self._messages.append({"role": "assistant", "content": reply_text, "strategy": labels[gen.strategy]})
-        timings = {**gen.timings.as_dict(), "reply_ms": (time.perf_counter() - start) * 1e3}
-        return Reply(reply_text, labels[gen.strategy], probs, timings, tokens=tuple(gen.tokens))
+        self._remember([rt.manifest["strategies"]["token_ids"][gen.strategy_id], *gen.tokens])
+        self._messages.append({"role": "assistant", "content": screen.text, "strategy": strategy})
+        gen.timings.reply_ms = (time.perf_counter() - start) * 1e3
+        return Reply(screen.text, strategy, probs, gen.timings, tokens=tuple(gen.tokens), stopped=gen.stopped)
 
     # -- rebuilding from a history (module docstring, "History") --------------------------------
 

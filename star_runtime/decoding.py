@@ -8,21 +8,25 @@
         logits = LM head of h'_t                    position t reads x_t
         x_{t+1} = next_token(logits, seen, banned)  sampling.py; stops at __end__ (if stop_at_eos)
 
-`generate` is the low-level API the benchmarks use (ids in, ids out, fixed length with
-stop_at_eos=False) and the one `Conversation.reply` calls. Its `Timings` are measured with
+`steps` is the loop as a generator (one token id per `next`); `generate` runs it to the end with
+an optional callback. Both are the low-level API the benchmarks use (ids in, ids out, fixed length
+with stop_at_eos=False) and the one `Conversation` drives. `Timings` are measured with
 `time.perf_counter` from the call's start.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 
 from star_runtime.engine import Engine
-from star_runtime.sampling import SamplingParams, next_token, softmax
+from star_runtime.sampling import DecodingOptions, next_token, softmax
+
+T, R = TypeVar("T"), TypeVar("R")
 
 
 class NonFiniteOutputError(RuntimeError):
@@ -43,13 +47,15 @@ def _check_finite(values: np.ndarray, what: str) -> None:
 
 @dataclass
 class Timings:
-    """Milliseconds, each from the start of `generate` unless it says otherwise."""
+    """Milliseconds, each from the start of `generate` unless it says otherwise; 0 (and no
+    token_ms) for what did not run, as when the safety layer answered without the model."""
 
     encoder_ms: float = 0.0  # the encoder and the cross-attention K/V
     strategy_ms: float = 0.0  # time to the strategy (encoder + decoder position 0)
     first_token_ms: float = 0.0  # time to the first response token
     token_ms: list[float] = field(default_factory=list)  # each response token's own time (step + choice)
     total_ms: float = 0.0
+    reply_ms: float = 0.0  # Conversation only: the whole call, the safety checks included
 
     @property
     def per_token_ms(self) -> float:
@@ -59,12 +65,14 @@ class Timings:
     def as_dict(self) -> dict[str, float | int]:
         return {"encoder_ms": self.encoder_ms, "strategy_ms": self.strategy_ms,
                 "first_token_ms": self.first_token_ms, "per_token_ms": self.per_token_ms,
-                "total_ms": self.total_ms, "tokens": len(self.token_ms)}
+                "total_ms": self.total_ms, "tokens": len(self.token_ms), "reply_ms": self.reply_ms}
 
 
 @dataclass
 class Generation:
-    strategy: int  # class id, predicted or forced
+    """What `generate` returns: ids and arrays (Conversation's Reply has the labels and text)."""
+
+    strategy_id: int  # class id, predicted or forced
     strategy_probs: np.ndarray  # [n_strategies] the model's softmax, also when forced
     tokens: list[int]  # response ids, without __end__
     stopped: bool  # the on_token callback asked to stop
@@ -78,31 +86,38 @@ def banned_ids(manifest: dict, *, with_eos: bool) -> np.ndarray:
     return np.array(ids + [special["eos"]] if with_eos else ids, dtype=np.int64)
 
 
-def generate(
+def stops(answer: object) -> bool:
+    """The one stop rule of every streaming callback (`on_token` of `generate` and of
+    `Conversation.reply`): returning False stops decoding after that token; None (a callback
+    that returns nothing) or True go on."""
+    return answer is False
+
+
+def steps(
     engine: Engine,
     context_ids: Sequence[int] | np.ndarray,
-    params: SamplingParams,
+    options: DecodingOptions,
     *,
-    max_new_tokens: int = 40,
     min_new_tokens: int = 0,
     stop_at_eos: bool = True,
     rng: np.random.Generator | None = None,
     forced_strategy: int | None = None,
-    on_token: Callable[[int], bool | None] | None = None,
-) -> Generation:
-    """Predict the strategy for `context_ids` (already cut to the source length) and decode a reply.
+) -> Generator[int, bool | None, Generation]:
+    """The decoding loop as a generator: yields each response token id and returns the Generation.
 
-    on_token(token_id) is called after each response token; returning False stops decoding.
-    stop_at_eos=False bans __end__, so the reply has exactly max_new_tokens tokens (benchmarks).
-    max_new_tokens <= max_positions - 1: positions 0 and 1 read __start__ and the strategy token,
-    response token t (from 0) is chosen at position t + 1. NonFiniteOutputError (a RuntimeError)
-    when the model's logits are not finite.
+    Predicts the strategy for `context_ids` (already cut to the source length), then decodes up
+    to options.max_new_tokens tokens. `send(True)` after a token stops there (`stopped`); `next`
+    goes on. stop_at_eos=False bans __end__, so the reply has exactly max_new_tokens tokens
+    (benchmarks). max_new_tokens <= max_positions - 1: positions 0 and 1 read __start__ and the
+    strategy token, response token t (from 0) is chosen at position t + 1. ValueError for bad
+    arguments (raised at the first `next`); NonFiniteOutputError (a RuntimeError) when the model's
+    logits are not finite.
     """
     manifest = engine.manifest
+    max_new_tokens = options.max_new_tokens
     limit = int(manifest["io"].get("max_positions", manifest["model_config"]["max_position_embeddings"])) - 1
-    for name, value in (("max_new_tokens", max_new_tokens), ("min_new_tokens", min_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise ValueError(f"{name} must be an integer, not {value!r}")
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer)):
+        raise ValueError(f"min_new_tokens must be an integer, not {min_new_tokens!r}")
     if not 0 <= min_new_tokens <= max_new_tokens <= limit:
         raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens <= {limit} (the model's position table holds "
                          f"{limit + 1} positions), got {min_new_tokens} and {max_new_tokens}")
@@ -139,7 +154,7 @@ def generate(
         logits = run.step(token)
         _check_finite(logits, "next-token logits")
         ban = banned_eos if (t < min_new_tokens or not stop_at_eos) else banned
-        token = next_token(logits, np.fromiter(seen, np.int64, len(seen)), ban, params, rng)
+        token = next_token(logits, np.fromiter(seen, np.int64, len(seen)), ban, options, rng)
         timings.token_ms.append((clock() - t0) * 1e3)
         if t == 0:
             timings.first_token_ms = ms(clock())
@@ -147,8 +162,34 @@ def generate(
             break
         tokens.append(token)
         seen.add(token)
-        if on_token is not None and on_token(token) is False:
+        if (yield token):
             stopped = True
             break
     timings.total_ms = ms(clock())
     return Generation(strategy, probs, tokens, stopped, timings)
+
+
+def drive(loop: Generator[T, bool | None, R], on_item: Callable[[T], bool | None] | None) -> R:
+    """Run a decoding generator to its end, passing each item to `on_item` (the stop rule: `stops`)."""
+    try:
+        item = next(loop)
+        while True:
+            item = loop.send(on_item is not None and stops(on_item(item)))
+    except StopIteration as done:
+        return done.value
+
+
+def generate(
+    engine: Engine,
+    context_ids: Sequence[int] | np.ndarray,
+    options: DecodingOptions,
+    *,
+    min_new_tokens: int = 0,
+    stop_at_eos: bool = True,
+    rng: np.random.Generator | None = None,
+    forced_strategy: int | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
+) -> Generation:
+    """`steps` run to the end: on_token(token_id) after each response token (False stops)."""
+    return drive(steps(engine, context_ids, options, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
+                       rng=rng, forced_strategy=forced_strategy), on_token)

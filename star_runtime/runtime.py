@@ -9,7 +9,11 @@
 
     conv = rt.conversation(situation="I lost my job.", history=saved)   # go on from conv.history()
 
-    g = rt.generate(context_ids, do_sample=False, max_new_tokens=40, stop_at_eos=False)  # benchmarks
+    for piece in (stream := conv.stream("And I feel alone.")):             # the same, as an iterator
+        print(piece, end="")
+    stream.reply.strategy
+
+    g = rt.generate(context_ids, max_new_tokens=40, stop_at_eos=False)  # greedy ids in and out (benchmarks)
 
 One `Runtime` holds the graphs and weights once; each conversation holds only its history and,
 while it replies, its KV cache. `reply` may run in several threads at once, one conversation
@@ -34,7 +38,7 @@ from star_runtime.conversation import Conversation, Reply
 from star_runtime.decoding import Generation, generate
 from star_runtime.engine import Engine
 from star_runtime.safety import SafetyPolicy
-from star_runtime.sampling import SamplingParams
+from star_runtime.sampling import DecodingOptions
 from star_runtime.selfcheck import run_selfcheck
 from star_runtime.tokenizer import Tokenizer, TokenizerError
 
@@ -110,43 +114,40 @@ class Runtime:
             run_selfcheck(engine, manifest, str(path))
         return cls(path, manifest, engine, tokenizer, safety if safety is not None else SafetyPolicy.load())
 
-    def sampling(self, **overrides: Any) -> SamplingParams:
-        """The bundle's generation defaults (the paper's), with `overrides` (None = keep)."""
-        return SamplingParams.from_manifest(self.manifest["generation"], **overrides)
+    def options(self, **overrides: Any) -> DecodingOptions:
+        """The bundle's decoding options (the paper's, as the exporter wrote them), with
+        `overrides` (DecodingOptions' fields; None = keep)."""
+        return DecodingOptions.from_manifest(self.manifest["generation"], **overrides)
 
     def conversation(self, situation: str | None = None, seed: int | None = None, *,
-                     do_sample: bool | None = None, max_new_tokens: int | None = None,
-                     sampling: SamplingParams | None = None,
-                     history: Sequence[Mapping[str, Any]] = ()) -> Conversation:
+                     options: DecodingOptions | None = None, history: Sequence[Mapping[str, Any]] = (),
+                     **overrides: Any) -> Conversation:
         """A new conversation. seed: the sampling seed (same seed and messages, same replies).
 
-        do_sample: False for greedy replies (default: the bundle's, the paper's sampling).
-        sampling: all the decoding options at once (`rt.sampling(temperature=...)`), instead of
-        do_sample. history: the messages of an earlier conversation to go on from (a saved
-        `Conversation.history()`; star_runtime.conversation, "History"): its user messages are
-        checked by the safety layer as they were when they were sent.
+        options: how replies are decoded (default: the bundle's, `rt.options()`); overrides:
+        DecodingOptions' fields on top of them (`do_sample=False` for greedy replies,
+        `max_new_tokens=...`). history: the messages of an earlier conversation to go on from (a
+        saved `Conversation.history()`; star_runtime.conversation, "History"): its user messages
+        are checked by the safety layer as they were when they were sent.
         """
-        if sampling is not None and do_sample is not None:
-            raise ValueError("pass do_sample or sampling, not both (sampling=rt.sampling(do_sample=...))")
-        n = self.manifest["generation"]["max_new_tokens"] if max_new_tokens is None else max_new_tokens
-        params = sampling if sampling is not None else self.sampling(do_sample=do_sample)
-        return Conversation(self, situation, seed, params, n, history)
+        base = options if options is not None else self.options()
+        return Conversation(self, situation, seed, base.but(**overrides), history)
 
-    def generate(self, context_ids: Sequence[int] | np.ndarray, *, do_sample: bool = False,
-                 max_new_tokens: int = 40, min_new_tokens: int = 0, stop_at_eos: bool = True,
-                 seed: int | None = None, forced_strategy: int | None = None,
-                 on_token: Callable[[int], bool | None] | None = None, **sampling: Any) -> Generation:
+    def generate(self, context_ids: Sequence[int] | np.ndarray, options: DecodingOptions | None = None, *,
+                 min_new_tokens: int = 0, stop_at_eos: bool = True, seed: int | None = None,
+                 forced_strategy: int | None = None, on_token: Callable[[int], bool | None] | None = None,
+                 **overrides: Any) -> Generation:
         """Token ids in, strategy and token ids out, with timings (the benchmarks' entry point).
 
         context_ids: the encoder input, cut to its last max_source_length tokens here.
-        max_new_tokens: at most max_positions - 1 (511 for BlenderBot-Small): decoder position 0
-        reads __start__, position 1 the strategy token, and token t is read at position t + 1.
-        Greedy by default; do_sample=True uses the bundle's sampling settings (or `sampling`
-        overrides: top_p, top_k, temperature, repetition_penalty) with a generator seeded by `seed`.
+        options (default: the bundle's, greedy) and overrides: as for `conversation`; sampling draws
+        from a generator seeded by `seed`. max_new_tokens: at most max_positions - 1 (511 for
+        BlenderBot-Small): decoder position 0 reads __start__, position 1 the strategy token, and
+        token t is read at position t + 1. on_token(token_id): False stops (decoding.stops).
         """
-        params = self.sampling(do_sample=do_sample, **sampling)
+        base = options if options is not None else self.options(do_sample=False)
         ids = list(context_ids)[-int(self.manifest["generation"]["max_source_length"]):]
-        return generate(self.engine, ids, params, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+        return generate(self.engine, ids, base.but(**overrides), min_new_tokens=min_new_tokens,
                         stop_at_eos=stop_at_eos, rng=np.random.default_rng(seed), forced_strategy=forced_strategy,
                         on_token=on_token)
 

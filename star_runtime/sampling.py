@@ -18,18 +18,23 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 import numpy as np
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    """Decoding options. The defaults are the paper's; `greedy()` switches sampling off.
+class DecodingOptions:
+    """How a reply is decoded: the one definition of the paper's settings (SPEC section 1).
 
+    The exporter writes these defaults into the bundle's manifest ("generation"); the runtime
+    reads them back (`from_manifest`), and training's generate and star-eval take the same object.
     do_sample: False = greedy (the repetition penalty still applies). top_k = 0 and top_p = 1
-    switch those filters off; repetition_penalty = 1 switches the penalty off.
+    switch those filters off; repetition_penalty = 1 switches the penalty off. max_new_tokens:
+    response tokens at most (the model's position table sets the upper bound, checked where the
+    model is known). `greedy()` switches sampling off.
     """
 
     do_sample: bool = True
@@ -37,6 +42,7 @@ class SamplingParams:
     top_k: int = 30
     temperature: float = 0.7
     repetition_penalty: float = 1.03
+    max_new_tokens: int = 40
 
     def __post_init__(self) -> None:
         # NaN passes `x <= 0` (every comparison with NaN is False), so finiteness is checked first.
@@ -46,6 +52,9 @@ class SamplingParams:
                 raise ValueError(f"{name} must be a finite number, not {value!r}")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, numbers.Integral):
             raise ValueError(f"top_k must be an integer (0 = off), not {self.top_k!r}")
+        if (isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, numbers.Integral)
+                or self.max_new_tokens < 0):
+            raise ValueError(f"max_new_tokens must be an integer >= 0, not {self.max_new_tokens!r}")
         if not isinstance(self.do_sample, (bool, np.bool_)):
             raise ValueError(f"do_sample must be True or False, not {self.do_sample!r}")
         if self.temperature <= 0:
@@ -58,14 +67,25 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 (1 = off), not {self.repetition_penalty}")
 
     @classmethod
-    def from_manifest(cls, generation: dict[str, Any], **overrides: Any) -> SamplingParams:
-        keys = ("do_sample", "top_p", "top_k", "temperature", "repetition_penalty")
-        values = {k: generation[k] for k in keys if k in generation}
-        values.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**values)
+    def from_manifest(cls, generation: Mapping[str, Any], **overrides: Any) -> DecodingOptions:
+        """The options a manifest's "generation" holds (absent keys: the defaults), then
+        `overrides` (None = keep)."""
+        values = {f.name: generation[f.name] for f in fields(cls) if f.name in generation}
+        return cls(**values).but(**overrides)
 
-    def greedy(self) -> SamplingParams:
+    def but(self, **overrides: Any) -> DecodingOptions:
+        """These options with `overrides` (None = keep); ValueError for a name that is no option."""
+        unknown = set(overrides) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"no decoding option named {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in overrides.items() if v is not None})
+
+    def greedy(self) -> DecodingOptions:
         return replace(self, do_sample=False)
+
+    def as_manifest(self) -> dict[str, Any]:
+        """The options as the manifest's "generation" entry holds them."""
+        return asdict(self)
 
 
 def penalize(scores: np.ndarray, seen: np.ndarray, penalty: float) -> None:
@@ -76,7 +96,7 @@ def penalize(scores: np.ndarray, seen: np.ndarray, penalty: float) -> None:
 
 
 def distribution(scores: np.ndarray, seen: np.ndarray, banned: np.ndarray,
-                 params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+                 params: DecodingOptions) -> tuple[np.ndarray, np.ndarray]:
     """The tokens sampling may pick and their probabilities (ascending), after all the processors.
 
     `scores` [V] float32 is modified in place (callers pass a scratch buffer). seen: the distinct
@@ -101,7 +121,7 @@ def distribution(scores: np.ndarray, seen: np.ndarray, banned: np.ndarray,
     return candidates, probs
 
 
-def next_token(scores: np.ndarray, seen: np.ndarray, banned: np.ndarray, params: SamplingParams,
+def next_token(scores: np.ndarray, seen: np.ndarray, banned: np.ndarray, params: DecodingOptions,
                rng: np.random.Generator | None) -> int:
     """The next token id: argmax of the penalized scores (greedy), or a draw from `distribution`.
 

@@ -44,7 +44,7 @@ def reply_record(reply: Reply) -> dict[str, Any]:
         "escalation": None if reply.escalation is None else {
             "trigger": reply.escalation.trigger, "category": reply.escalation.category,
             "signal": reply.escalation.signal},
-        "timings": dict(reply.timings),
+        "timings": reply.timings.as_dict(),
     }
 
 

@@ -66,11 +66,11 @@ def test_float32_bundle_matches_pytorch(model, bundle):
         ids_t = torch.from_numpy(ids)[None]
         ref = torch_generate(model, ids_t, torch.ones_like(ids_t), do_sample=False, max_new_tokens=STEPS,
                              stop_at_eos=False)
-        assert ours.strategy == int(ref.strategy[0])
+        assert ours.strategy_id == int(ref.strategy_id[0])
         assert ours.tokens == ref.responses[0]
 
         # Logits at every position, the bundle stepped with the same tokens.
-        decoder_ids = [rt.manifest["special_ids"]["bos"], sids[ours.strategy], *ours.tokens]
+        decoder_ids = [rt.manifest["special_ids"]["bos"], sids[ours.strategy_id], *ours.tokens]
         strategy_ref, logits_ref = _torch_logits(model, ids, decoder_ids)
         run = rt.engine.start(ids[None])
         run.step(decoder_ids[0])
@@ -88,7 +88,7 @@ def test_int8_strategy_agreement(model, bundle_int8):
     agree = 0
     for ids in prompts:
         ref, _ = _torch_logits(model, ids, [rt.manifest["special_ids"]["bos"]])
-        agree += rt.generate(ids, max_new_tokens=0).strategy == int(ref.argmax())
+        agree += rt.generate(ids, max_new_tokens=0).strategy_id == int(ref.argmax())
     print(f"int8 strategy agreement with PyTorch: {agree}/{len(prompts)} = {agree / len(prompts):.0%}")
     assert agree / len(prompts) >= 0.9
 
@@ -233,7 +233,7 @@ def test_cuda_runs_float32_and_float16_bundles(ckpt, bundle, tmp_path):
     for ids in _prompts(cpu.manifest["io"]["vocab_size"], n=5):
         a = cpu.generate(ids, max_new_tokens=8, stop_at_eos=False)
         b = gpu.generate(ids, max_new_tokens=8, stop_at_eos=False)
-        assert (a.strategy, a.tokens) == (b.strategy, b.tokens)
+        assert (a.strategy_id, a.tokens) == (b.strategy_id, b.tokens)
     manifest = exporter.export_bundle(ckpt, tmp_path / "fp16", precision="float16", log=print)
     assert manifest["validation"]["device"] == "cuda"
     reply = Runtime.load(tmp_path / "fp16", device="cuda").conversation(seed=0).reply("I feel lonely.")
@@ -364,5 +364,5 @@ def test_the_golden_record_is_compact_and_reproduced(tmp_path_factory, tokenizer
     rt = Runtime.load(folder)  # passes its own self-check
     sids = rt.manifest["strategies"]["token_ids"]
     gen = rt.generate(record["context_ids"], max_new_tokens=SELFCHECK_STEPS, stop_at_eos=False, repetition_penalty=1.0)
-    assert sids[gen.strategy] == sids[int(np.argmax(record["strategy_logits"]))]
+    assert sids[gen.strategy_id] == sids[int(np.argmax(record["strategy_logits"]))]
     assert gen.tokens == [s["token"] for s in record["steps"]]

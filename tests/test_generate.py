@@ -64,7 +64,7 @@ def test_greedy_batch_matches_a_naive_re_forward_loop(use_star: bool) -> None:
         for i, n in enumerate([9, 6]):  # the naive loop sees each context unpadded
             strategy, response = naive_greedy(model, input_ids[i, :n], attention_mask[i, :n], max_new_tokens=12,
                                               penalty=1.03)
-            assert got.strategy[i] == strategy
+            assert got.strategy_id[i] == strategy
             assert got.responses[i] == response
 
 
@@ -72,9 +72,9 @@ def test_forced_strategy_is_fed_and_reported() -> None:
     model = tiny_model()
     input_ids, attention_mask = contexts()
     free = generate(model, input_ids, attention_mask, do_sample=False, max_new_tokens=8)
-    forced = [(int(s) + 3) % 8 for s in free.strategy]
+    forced = [(int(s) + 3) % 8 for s in free.strategy_id]
     got = generate(model, input_ids, attention_mask, do_sample=False, max_new_tokens=8, forced_strategy=forced)
-    assert got.strategy.tolist() == forced
+    assert got.strategy_id.tolist() == forced
     assert torch.equal(got.strategy_probs, free.strategy_probs)  # still the model's own distribution
     with torch.no_grad():
         _, response = naive_greedy(model, input_ids[0], attention_mask[0], max_new_tokens=8, penalty=1.03,

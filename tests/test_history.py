@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from star_runtime.sampling import DecodingOptions
+
 TURNS = ["I lost my job and I can't sleep.", "My wife says I am lazy.", "I don't know what to do anymore."]
 
 
@@ -140,8 +142,8 @@ def test_a_history_that_cannot_be_used_is_refused_naming_the_message(shipped_rt,
         shipped_rt.conversation(history=history)
 
 
-def test_sampling_options_come_as_one_object(shipped_rt):
-    params = shipped_rt.sampling(temperature=0.9, top_p=0.5)
-    assert shipped_rt.conversation(sampling=params).params == params
-    with pytest.raises(ValueError, match="not both"):
-        shipped_rt.conversation(do_sample=False, sampling=params)
+def test_decoding_options_come_as_one_object(shipped_rt):
+    options = shipped_rt.options(temperature=0.9, top_p=0.5)
+    assert shipped_rt.conversation(options=options).params == options
+    assert shipped_rt.conversation(options=options, do_sample=False).params == options.greedy()
+    assert shipped_rt.options() == DecodingOptions()  # the exporter wrote DecodingOptions' defaults

@@ -19,7 +19,7 @@ import pytest
 from star_bundles import tiny_bundle
 from star_runtime import BundleError, DeviceError, Runtime
 from star_runtime.bundle import MANIFEST_FILE
-from star_runtime.sampling import SamplingParams, distribution
+from star_runtime.sampling import DecodingOptions, distribution
 
 
 def test_runtime_imports_no_torch(bundle):
@@ -169,14 +169,14 @@ def test_streamed_text_is_screened_before_on_token_sees_it(rt, monkeypatch):
     ids = rt.tokenizer.encode(unsafe)
     fed = []
 
-    def scripted_generate(engine, context, params, *, max_new_tokens, rng, on_token):
+    def scripted_steps(engine, context, options, *, rng):
         for token in ids:
             fed.append(token)
-            if on_token(token) is False:
+            if (yield token):
                 return Generation(0, np.full(8, 0.125), fed[:], True, Timings())
         return Generation(0, np.full(8, 0.125), fed[:], False, Timings())
 
-    monkeypatch.setattr(conversation_module, "generate", scripted_generate)
+    monkeypatch.setattr(conversation_module, "steps", scripted_steps)
     pieces = []
     reply = rt.conversation(seed=0).reply("I feel awful", on_token=pieces.append)
     shown = "".join(pieces)
@@ -213,6 +213,28 @@ def test_streamed_pieces_make_the_reply(rt):
     stopped = rt.conversation(seed=3).reply("hello there", on_token=lambda p: calls.append(p) or False)
     assert len(calls) == 1 and stopped.tokens == reply.tokens[:len(stopped.tokens)]
     assert len(stopped.tokens) < len(reply.tokens) or len(pieces) == 1
+
+
+def test_the_iterator_face_gives_the_callbacks_pieces_and_reply(rt):
+    pieces = []
+    reply = rt.conversation(seed=3).reply("hello there", on_token=pieces.append)
+    stream = rt.conversation(seed=3).stream("hello there")
+    assert stream.reply is None
+    assert list(stream) == pieces and len(pieces) > 1
+    got = stream.reply
+    assert (got.text, got.strategy, got.tokens, got.stopped) == (reply.text, reply.strategy, reply.tokens, False)
+    assert list(stream) == []  # spent
+    # stop() after the first piece: what a callback returning False after it does.
+    calls = []
+    want = rt.conversation(seed=3).reply("hello there", on_token=lambda p: calls.append(p) or False)
+    stream = rt.conversation(seed=3).stream("hello there")
+    first = next(stream)
+    stopped = stream.stop()
+    assert first == calls[0] and stopped.stopped and want.stopped
+    assert (stopped.text, stopped.tokens) == (want.text, want.tokens)
+    # A crisis message: no pieces, the crisis reply.
+    crisis = rt.conversation(seed=0).stream("I want to kill myself tonight")
+    assert list(crisis) == [] and crisis.reply.escalated
 
 
 def test_a_reply_cut_inside_a_word_shows_no_bpe_mark(rt):
@@ -266,9 +288,9 @@ def test_threads_share_one_runtime(rt):
 # -- sampling semantics --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("params", [
-    SamplingParams(),
-    SamplingParams(top_k=0, top_p=0.9, temperature=1.3, repetition_penalty=1.2),
-    SamplingParams(top_k=5, top_p=1.0, temperature=0.5, repetition_penalty=1.0),
+    DecodingOptions(),
+    DecodingOptions(top_k=0, top_p=0.9, temperature=1.3, repetition_penalty=1.2),
+    DecodingOptions(top_k=5, top_p=1.0, temperature=0.5, repetition_penalty=1.0),
 ])
 def test_distribution_matches_training_warp(params):
     """numpy's candidate set and probabilities = softmax of training/generate.py's warp_logits."""

@@ -19,7 +19,7 @@ import pytest
 
 import star_runtime
 from star_runtime import BundleError, Runtime
-from star_runtime.sampling import SamplingParams
+from star_runtime.sampling import DecodingOptions
 
 STAR_CHAT = [sys.executable, "-m", "star_runtime.chat"]
 
@@ -92,12 +92,17 @@ def test_generate_past_the_position_table_is_a_clear_value_error(rt) -> None:
 
 @pytest.mark.parametrize("option", [{"temperature": float("nan")}, {"temperature": float("inf")},
                                     {"top_p": float("nan")}, {"repetition_penalty": float("nan")},
-                                    {"top_k": 2.5}, {"top_k": True}, {"do_sample": "yes"}])
+                                    {"top_k": 2.5}, {"top_k": True}, {"do_sample": "yes"},
+                                    {"max_new_tokens": 2.5}, {"max_new_tokens": -1}])
 def test_non_finite_or_mistyped_sampling_options_are_refused(rt, option) -> None:
     with pytest.raises(ValueError, match=next(iter(option))):
-        SamplingParams(**option)
+        DecodingOptions(**option)
     with pytest.raises(ValueError):
-        rt.generate([5, 6, 7], **option) if "do_sample" not in option else rt.sampling(**option)
+        rt.generate([5, 6, 7], **option)
+    with pytest.raises(ValueError):
+        rt.conversation(**option)
+    with pytest.raises(ValueError, match="no decoding option named top_n"):
+        rt.conversation(top_n=3)
 
 
 @pytest.mark.parametrize("threads", [-1, 0, 1.5, True])
@@ -110,7 +115,7 @@ def test_bad_thread_counts_are_refused(bundle, threads) -> None:
 def test_forced_strategy_must_be_a_class_id(rt, forced) -> None:
     with pytest.raises(ValueError, match="forced_strategy must be a class id"):
         rt.generate([5, 6, 7], forced_strategy=forced)
-    assert rt.generate([5, 6, 7], forced_strategy=np.int64(3), max_new_tokens=1).strategy == 3
+    assert rt.generate([5, 6, 7], forced_strategy=np.int64(3), max_new_tokens=1).strategy_id == 3
 
 
 def test_an_empty_path_is_refused_not_read_as_the_default(bundle) -> None:

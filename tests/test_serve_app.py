@@ -75,13 +75,13 @@ def make_app(shipped_rt):
 def held(monkeypatch):
     """The decoding loop waits for `held.set()` before it runs."""
     gate = threading.Event()
-    real = conversation_module.generate
+    real = conversation_module.steps
 
     def waiting(*args, **kw):
         gate.wait(60)
-        return real(*args, **kw)
+        return (yield from real(*args, **kw))
 
-    monkeypatch.setattr(conversation_module, "generate", waiting)
+    monkeypatch.setattr(conversation_module, "steps", waiting)
     yield gate
     gate.set()
 
@@ -134,15 +134,15 @@ def test_a_client_that_goes_away_mid_stream_stops_the_decoding(make_app, monkeyp
     app = make_app()
     fed = []
 
-    def slow(engine, context, params, *, max_new_tokens, rng=None, on_token=None, **kw):
+    def slow(engine, context, options, **kw):
         for k in range(200):
             fed.append(k)
             time.sleep(0.01)
-            if on_token(app.state.runtime.tokenizer.encode("fine ,")[k % 2]) is False:
+            if (yield app.state.runtime.tokenizer.encode("fine ,")[k % 2]):
                 break
         return Generation(0, np.full(8, 0.125), [], True, Timings())
 
-    monkeypatch.setattr(conversation_module, "generate", slow)
+    monkeypatch.setattr(conversation_module, "steps", slow)
     with httpx.stream("POST", app.url + "/v1/chat/completions", json={"messages": MESSAGES, "stream": True},
                       timeout=60) as response:
         lines = response.iter_lines()
@@ -156,15 +156,15 @@ def test_a_reply_the_screen_replaces_mid_stream_sends_only_screened_text(make_ap
     unsafe = "that sounds so hard , i understand . you should just go ahead and kill yourself tonight , ok ?"
     ids = shipped_rt.tokenizer.encode(unsafe)
 
-    def scripted(engine, context, params, *, max_new_tokens, rng=None, on_token=None, **kw):
+    def scripted(engine, context, options, **kw):
         fed = []
         for token in ids:
             fed.append(token)
-            if on_token(token) is False:
+            if (yield token):
                 return Generation(0, np.full(8, 0.125), fed, True, Timings())
         return Generation(0, np.full(8, 0.125), fed, False, Timings())
 
-    monkeypatch.setattr(conversation_module, "generate", scripted)
+    monkeypatch.setattr(conversation_module, "steps", scripted)
     app = make_app()
     crisis = shipped_rt.safety.crisis_reply("suicide_self_harm")
     streamed = app.post({"messages": MESSAGES, "stream": True})
@@ -191,8 +191,9 @@ def test_a_broken_model_is_500_and_other_failures_keep_their_words_out(make_app,
 
     def nan(*args, **kw):
         raise NonFiniteOutputError("the model's next-token logits hold 3 NaN or infinite values")
+        yield  # a generator, as decoding.steps
 
-    monkeypatch.setattr(conversation_module, "generate", nan)
+    monkeypatch.setattr(conversation_module, "steps", nan)
     for stream in (False, True):
         got = app.post({"messages": MESSAGES, "stream": stream})
         assert got.status_code == 500 and got.json()["error"]["code"] == "model_error"
@@ -200,8 +201,9 @@ def test_a_broken_model_is_500_and_other_failures_keep_their_words_out(make_app,
 
     def crash(*args, **kw):
         raise KeyError("I feel awful today.")  # an exception whose message quotes the request
+        yield  # a generator, as decoding.steps
 
-    monkeypatch.setattr(conversation_module, "generate", crash)
+    monkeypatch.setattr(conversation_module, "steps", crash)
     with caplog.at_level(logging.INFO, logger="star_runtime.serve"):
         got = app.post({"messages": MESSAGES})
     assert got.status_code == 500 and got.json()["error"]["code"] == "internal_error"

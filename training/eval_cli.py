@@ -53,7 +53,8 @@ from star_training.cli_common import (
 )
 from star_training.data import SPLITS, Example, build_examples, load_conversations
 from star_training.distributed import resolve_device
-from star_training.evaluation import DecodingSettings, EvalResult, evaluate, predict_strategies, score_replies
+from star_runtime.sampling import DecodingOptions
+from star_training.evaluation import EvalResult, evaluate, predict_strategies, score_replies
 from star_training.llm_client import AnswerProgress, add_llm_args, client_from_args, display_url, settings_from_args
 from star_training.llm_responder import ShotSampler, read_replies, reply_requests, train_shots
 from star_training.model import StarForConditionalGeneration
@@ -63,7 +64,7 @@ from star_training.report import PAPER_TABLE_2, PAPER_TABLE_3, markdown_table, t
 from star_training.run_state import read_train_config
 
 PROG = "star-eval"
-PAPER = DecodingSettings()
+PAPER = DecodingOptions()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -238,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             result, run, label, notes = _llm_run(args, model, tok, examples, data_path, seed, device)
             paper["paper_table_3"] = PAPER_TABLE_3
         else:
-            settings = DecodingSettings(args.top_p, args.top_k, args.temperature, args.repetition_penalty,
-                                        args.max_new_tokens)
-            result = evaluate(model, tok, examples, settings=settings, batch_size=args.batch_size, device=device,
+            settings = DecodingOptions(top_p=args.top_p, top_k=args.top_k, temperature=args.temperature,
+                                       repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens)
+            result = evaluate(model, tok, examples, options=settings, batch_size=args.batch_size, device=device,
                               seed=seed, oracle=args.oracle_strategy)
             run = {"decoding": asdict(settings)}
             label = f"{args.model} ({'STAR' if model.star_config.use_star else 'STAR bypassed'})"

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from star_runtime.detok import readable
+from star_runtime.sampling import DecodingOptions
 from star_runtime.strategies import STRATEGIES
 from star_runtime.tokenizer import Tokenizer
 from star_training.data import Example, collate
@@ -24,17 +25,6 @@ from star_training.generate import generate
 from star_training.metrics import generation_scores, strategy_scores
 from star_training.model import StarForConditionalGeneration
 from star_training.teacher_forced import teacher_forced_scores
-
-
-@dataclass(frozen=True)
-class DecodingSettings:
-    """The paper's decoding settings (SPEC section 1) as defaults."""
-
-    top_p: float = 0.3
-    top_k: int = 30
-    temperature: float = 0.7
-    repetition_penalty: float = 1.03
-    max_new_tokens: int = 40
 
 
 @dataclass
@@ -54,7 +44,7 @@ def _generate_all(
     examples: list[Example],
     tok: Tokenizer,
     *,
-    settings: DecodingSettings,
+    options: DecodingOptions,
     batch_size: int,
     device: torch.device,
     seed: int,
@@ -70,12 +60,10 @@ def _generate_all(
         chunk = examples[i : i + batch_size]
         batch = collate(chunk, tok.pad_id)
         result = generate(
-            model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-            top_p=settings.top_p, top_k=settings.top_k, temperature=settings.temperature,
-            repetition_penalty=settings.repetition_penalty, max_new_tokens=settings.max_new_tokens,
+            model, batch["input_ids"].to(device), batch["attention_mask"].to(device), options,
             generator=generator, forced_strategy=[e.strategy for e in chunk] if oracle else None,
         )
-        strategies += result.strategy.tolist()
+        strategies += result.strategy_id.tolist()
         hypotheses += [tok.decode(ids) for ids in result.responses]
     return strategies, hypotheses
 
@@ -112,7 +100,7 @@ def predict_strategies(
         batch = collate(examples[i : i + batch_size], tok.pad_id)
         result = generate(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
                           do_sample=False, max_new_tokens=0)
-        strategies += result.strategy.tolist()
+        strategies += result.strategy_id.tolist()
     return strategies
 
 
@@ -146,7 +134,7 @@ def evaluate(
     tok: Tokenizer,
     examples: list[Example],
     *,
-    settings: DecodingSettings = DecodingSettings(),
+    options: DecodingOptions = DecodingOptions(),
     batch_size: int = 32,
     device: torch.device = torch.device("cpu"),
     seed: int = 42,
@@ -155,7 +143,7 @@ def evaluate(
     """Score `examples`: strategy accuracy / macro-F1 and text metrics from predicted strategies,
     PPL teacher-forced with the gold strategy, and optionally the oracle-strategy text metrics."""
     model.to(device).eval()
-    common = dict(settings=settings, batch_size=batch_size, device=device, seed=seed)
+    common = dict(options=options, batch_size=batch_size, device=device, seed=seed)
 
     predicted, hypotheses = _generate_all(model, examples, tok, oracle=False, **common)
     result = score_replies(examples, tok, predicted, hypotheses)

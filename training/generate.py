@@ -19,15 +19,17 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from star_runtime.sampling import DecodingOptions
 from star_training.model import StarForConditionalGeneration
 
 
 @dataclass
 class GenerationResult:
-    strategy: torch.Tensor  # [B] class ids (predicted, or forced)
+    strategy_id: torch.Tensor  # [B] class ids (predicted, or forced)
     strategy_probs: torch.Tensor  # [B, n_strategies] the model's softmax, also when forced
     responses: list[list[int]]  # token ids per sequence, without __end__
 
@@ -65,20 +67,6 @@ def warp_logits(
     return scores
 
 
-def _check_options(max_new_tokens: int, min_new_tokens: int, temperature: float, top_k: int, top_p: float,
-                   repetition_penalty: float) -> None:
-    if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {min_new_tokens} and {max_new_tokens}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 (use do_sample=False for greedy), not {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), not {top_k}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 = off), not {top_p}")
-    if repetition_penalty <= 0:
-        raise ValueError(f"repetition_penalty must be > 0 (1 = off), not {repetition_penalty}")
-
-
 @contextmanager
 def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
     """Dropout off while decoding; the caller's train/eval mode restored afterwards."""
@@ -95,28 +83,27 @@ def generate(
     model: StarForConditionalGeneration,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
+    options: DecodingOptions | None = None,
     *,
-    do_sample: bool = True,
-    top_p: float = 0.3,
-    top_k: int = 30,
-    temperature: float = 0.7,
-    repetition_penalty: float = 1.03,
-    max_new_tokens: int = 40,
     min_new_tokens: int = 0,
     generator: torch.Generator | None = None,
     forced_strategy: int | Sequence[int] | torch.Tensor | None = None,
     stop_at_eos: bool = True,
+    **overrides: Any,
 ) -> GenerationResult:
     """Predict a strategy and generate a response for each context in the batch.
 
     input_ids/attention_mask [B, S]: encoder input and its mask (1 = real token).
-    do_sample: False = greedy (repetition penalty still applies; temperature, top-k, top-p not).
-    The defaults are the paper's decoding settings. min_new_tokens: __end__ banned before that
-    many tokens. generator: the source of randomness for sampling (fixed seed = same replies).
+    options: the decoding options (default: the paper's, DecodingOptions()), with `overrides`
+    (its fields: do_sample=False, max_new_tokens=12, ...) on top; greedy keeps the repetition
+    penalty, not temperature, top-k, top-p. min_new_tokens: __end__ banned before that many
+    tokens. generator: the source of randomness for sampling (fixed seed = same replies).
     forced_strategy: class id(s), one or one per sequence, fed instead of the predicted strategy.
     stop_at_eos: False bans __end__, so every reply has exactly max_new_tokens tokens (benchmarks).
     """
-    _check_options(max_new_tokens, min_new_tokens, temperature, top_k, top_p, repetition_penalty)
+    o = (options or DecodingOptions()).but(**overrides)
+    if not 0 <= min_new_tokens <= o.max_new_tokens:
+        raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens, got {min_new_tokens} and {o.max_new_tokens}")
     with _eval_mode(model):
         cfg = model.config
         start, eos, pad = cfg.decoder_start_token_id, cfg.eos_token_id, cfg.pad_token_id
@@ -150,19 +137,19 @@ def generate(
         next_token = strategy_ids[strategy]  # [B]
         finished = torch.zeros(B, dtype=torch.bool, device=device)
         steps: list[torch.Tensor] = []  # sampled tokens, [B] each
-        for t in range(max_new_tokens):
+        for t in range(o.max_new_tokens):
             tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             h, cache = model.decode(next_token[:, None], e, attention_mask, past_key_values=cache)  # [B, 1, d]
             fused, state = model.fuse_step(h[:, 0], state)  # [B, d]
             scores = model.lm_logits(fused)  # [B, V]
             ban = banned_with_eos if (t < min_new_tokens or not stop_at_eos) else banned
             scores = scores.masked_fill(ban, -float("inf"))
-            if do_sample:
-                scores = warp_logits(scores, tokens, repetition_penalty=repetition_penalty,
-                                     temperature=temperature, top_k=top_k, top_p=top_p)
+            if o.do_sample:
+                scores = warp_logits(scores, tokens, repetition_penalty=o.repetition_penalty,
+                                     temperature=o.temperature, top_k=o.top_k, top_p=o.top_p)
                 next_token = torch.multinomial(scores.softmax(dim=-1), 1, generator=generator)[:, 0]
             else:
-                next_token = warp_logits(scores, tokens, repetition_penalty=repetition_penalty).argmax(dim=-1)
+                next_token = warp_logits(scores, tokens, repetition_penalty=o.repetition_penalty).argmax(dim=-1)
             next_token = next_token.masked_fill(finished, pad)  # finished rows feed padding, cut below
             steps.append(next_token)
             finished |= next_token == eos

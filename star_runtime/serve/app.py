@@ -255,7 +255,7 @@ def create_app(state: ServerState) -> Starlette:
             assert isinstance(event, Finished)
             call.done(200, event.reply)
             body = schema.completion(event.reply, id=call.id, created=call.created, model=state.model_name,
-                                     max_new_tokens=req.max_new_tokens, prompt_tokens=event.prompt_tokens)
+                                     max_new_tokens=req.options.max_new_tokens, prompt_tokens=event.prompt_tokens)
             return JSONResponse(body, headers={schema.ESCALATION_HEADER: schema.escalation_header(event.reply)})
         header = schema.escalation_header(event.reply) if isinstance(event, Finished) else "none"
         return StreamingResponse(stream(call, event), media_type="text/event-stream",
@@ -281,7 +281,7 @@ def create_app(state: ServerState) -> Starlette:
                     if rest:
                         yield _sse(schema.chunk(**ids, delta={"content": rest}))
                     yield _sse(schema.chunk(**ids, delta={}, finish_reason=schema.finish_reason(
-                        reply, req.max_new_tokens), star=schema.star_extras(reply)))
+                        reply, req.options.max_new_tokens), star=schema.star_extras(reply)))
                     if req.include_usage:
                         yield _sse(schema.chunk(**ids, usage=schema.usage(reply, event.prompt_tokens)))
                     break

@@ -33,7 +33,7 @@ from typing import Any
 
 from star_runtime.conversation import Reply, clean_message
 from star_runtime.runtime import Runtime
-from star_runtime.sampling import SamplingParams
+from star_runtime.sampling import DecodingOptions
 from star_runtime.transcript import reply_record
 
 SITUATION_ROLES = ("system", "developer")  # "developer" is what newer OpenAI clients call "system"
@@ -70,9 +70,8 @@ class ChatRequest:
     situation: str | None
     history: tuple[dict[str, Any], ...]  # user / assistant messages before `message` (Conversation's format)
     message: str  # the last user message, the one to answer
-    sampling: SamplingParams
+    options: DecodingOptions  # max_new_tokens included
     seed: int | None
-    max_new_tokens: int
     stream: bool = False
     include_usage: bool = False
 
@@ -182,26 +181,25 @@ def parse_chat(body: object, limits: Limits, rt: Runtime) -> ChatRequest:
     top_p = _number(body, "top_p", 0, 1)
     greedy = temperature == 0 or top_p == 0
     try:
-        sampling = rt.sampling(do_sample=False if greedy else None, temperature=temperature or None,
-                               top_p=top_p or None)
+        options = rt.options(do_sample=False if greedy else None, temperature=temperature or None,
+                             top_p=top_p or None, max_new_tokens=tokens)
     except ValueError as err:
         raise _invalid(str(err)) from None
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
         raise _invalid(f"stream must be true or false, not {stream!r}", "stream")
-    options = body.get("stream_options")
-    if options is not None and not isinstance(options, Mapping):
+    stream_options = body.get("stream_options")
+    if stream_options is not None and not isinstance(stream_options, Mapping):
         raise _invalid("stream_options must be an object", "stream_options")
-    include_usage = bool(options and options.get("include_usage"))
-    return ChatRequest(situation, tuple(history), message, sampling, _integer(body, "seed", 0),
-                       tokens if tokens is not None else int(rt.manifest["generation"]["max_new_tokens"]),
-                       bool(stream), include_usage)
+    include_usage = bool(stream_options and stream_options.get("include_usage"))
+    return ChatRequest(situation, tuple(history), message, options, _integer(body, "seed", 0), bool(stream),
+                       include_usage)
 
 
 def parse_strategy(body: object, limits: Limits, rt: Runtime) -> ChatRequest:
     """A /v1/strategy body ({"messages": [...]}, as for a completion) as a ChatRequest."""
     situation, history, message = parse_messages(body, limits, rt.manifest["strategies"]["labels"])
-    return ChatRequest(situation, tuple(history), message, rt.sampling(do_sample=False), None, 0)
+    return ChatRequest(situation, tuple(history), message, rt.options(do_sample=False), None)
 
 
 # -- responses ----------------------------------------------------------------------------------

@@ -130,8 +130,7 @@ class DecodeWorker:
 
     def _run(self, job: Job, sink: Sink, ticket: Ticket) -> Finished:
         r = job.request
-        conv = self.runtime.conversation(r.situation, r.seed, sampling=r.sampling, max_new_tokens=r.max_new_tokens,
-                                         history=r.history)
+        conv = self.runtime.conversation(r.situation, r.seed, options=r.options, history=r.history)
         prompt_tokens = len(conv.context_ids(clean_message(r.message)))
         if job.kind == "strategy":
             reply = conv.strategy(r.message)
