@@ -513,7 +513,7 @@ def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> to
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def unsupported(h: torch.Tensor, weights: StarWeights | None = None) -> str | None:
+def unsupported(h: torch.Tensor) -> str | None:
     """Why the fused kernel cannot run on h [B, T, d] (or [B, d] for a step), else None."""
     if h.dtype not in SUPPORTED_DTYPES:
         return f"dtype {h.dtype} (supported: float32, float16, bfloat16)"
