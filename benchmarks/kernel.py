@@ -33,11 +33,17 @@ same rounded weights and inputs. Without a CUDA GPU the script says so and exits
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 PRECISIONS = {  # name: (dtype name, torch.set_float32_matmul_precision)
     "fp32": ("float32", "highest"),
@@ -75,10 +81,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-batches", default="128",
                    help="batch sizes that also time torch.compile (each compiles anew: ~10 s); 'none' for none")
     p.add_argument("--min-block-m", default="",
-                   help="extra fused rows with the smallest row block (star_triton.MIN_BLOCK_M and "
-                        "MIN_STEP_BLOCK_M) set to each value (a tuning sweep)")
+                   help="extra fused rows with the smallest row block (star_triton.LaunchSettings' "
+                        "min_block_m and min_step_block_m) set to each value (a tuning sweep)")
     p.add_argument("--tiles", default="",
-                   help="extra fused rows with star_triton.TILES set to each BLOCK_NxBLOCK_KxSTAGES, "
+                   help="extra fused rows with star_triton.LaunchSettings' tiles set to each BLOCK_NxBLOCK_KxSTAGES, "
                         "comma-separated (a tuning sweep), e.g. 64x64x3")
     p.add_argument("--graphs", action="store_true",
                    help="also time eager and fused fwd and fwd+bwd replayed from CUDA graphs")
@@ -127,11 +133,10 @@ def measure_ceilings(torch, do_bench, precisions: list[str]) -> dict:
     del src, dst
     for name in precisions:
         dtype, mm_precision = PRECISIONS[name]
-        torch.set_float32_matmul_precision(mm_precision)
         a = torch.randn(8192, 8192, device="cuda").to(getattr(torch, dtype))
         b = torch.randn(8192, 8192, device="cuda").to(getattr(torch, dtype))
-        out[f"matmul_tflops_{name}"] = 2 * 8192**3 / do_bench(lambda: a @ b, return_mode="median") / 1e9
-        torch.set_float32_matmul_precision("highest")
+        with matmul_precision(torch, mm_precision):
+            out[f"matmul_tflops_{name}"] = 2 * 8192**3 / do_bench(lambda: a @ b, return_mode="median") / 1e9
     return out
 
 
@@ -171,8 +176,6 @@ def graphed(torch, module, mode: str, h, mask):
     The copy keeps the module's weights (its own Parameters, so its gradients are its own);
     make_graphed_callables runs 3 warm-up calls on a side stream before capturing, so Triton
     compiles and cuBLAS picks its kernels outside the capture."""
-    import copy
-
     clone = copy.deepcopy(module)
     sample = h.detach().requires_grad_(mode == "fwd+bwd")
     return torch.cuda.make_graphed_callables(clone, (sample, mask))
@@ -195,6 +198,13 @@ def outputs(torch, forward, step, params, mode, h, h0, mask, dy, state) -> list:
     return [out.detach(), hg.grad, *(p.grad for p in params)]
 
 
+def run_cleared(fn, grads) -> None:
+    """fn() with the .grad of each tensor in grads cleared first, as do_bench runs it."""
+    for x in grads or ():
+        x.grad = None
+    fn()
+
+
 def host_ms(torch, fn, grads, calls: int = 30) -> float:
     """Median host time to issue one call (perf_counter around it, the GPU idle before it)."""
     import statistics
@@ -213,15 +223,16 @@ def host_ms(torch, fn, grads, calls: int = 30) -> float:
     return statistics.median(times) * 1e3
 
 
-def profile_kernels(torch, fn, steps: int = 5) -> list[dict]:
-    """GPU time per kernel name over `steps` calls of fn (after one warm-up call), largest first."""
+def profile_kernels(torch, fn, grads, steps: int = 5) -> list[dict]:
+    """GPU time per kernel name over `steps` run_cleared calls of fn (after one warm-up call),
+    largest first."""
     from torch.profiler import ProfilerActivity, profile
 
-    fn()
+    run_cleared(fn, grads)
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            fn()
+            run_cleared(fn, grads)
         torch.cuda.synchronize()
     rows = []
     for e in prof.key_averages():
@@ -231,148 +242,151 @@ def profile_kernels(torch, fn, steps: int = 5) -> list[dict]:
     return sorted(rows, key=lambda r: -r["us_per_call"])
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
+@contextlib.contextmanager
+def matmul_precision(torch, precision: str) -> Iterator[None]:
+    """torch.set_float32_matmul_precision(precision) inside the block, the old setting after it."""
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(old)
 
-    if not torch.cuda.is_available():
-        print("No CUDA GPU here: the kernel benchmark needs one. The kernels' correctness tests run on "
-              "the CPU under Triton's interpreter: pytest tests/test_kernel.py")
-        return 0
-    import triton
-    from rich.console import Console
+
+def make_inputs(torch, mode: str, B: int, T: int, d: int, dtype) -> tuple:
+    """(mode, h, h0, mask, dy, state): the arguments of call and outputs after the provider's."""
+    from star_kernels import empty_state
+
+    h = torch.randn(B, T, d, device="cuda", dtype=dtype)
+    mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
+    mask[B // 2:, T - T // 4:] = False  # padded tails, as in a batch of replies
+    state = empty_state(B, d, device="cuda", dtype=dtype)  # the reference steps in h's dtype
+    return mode, h, h[:, 0].contiguous(), mask, torch.randn_like(h), state
+
+
+def reference_outputs(torch, eager, inputs: tuple) -> list:
+    """What outputs gives for a float32 copy of eager (the same rounded weights) on the same
+    inputs in float32, TF32 off: what every provider's error is measured against."""
+    from star_kernels import empty_state
+
+    mode, h, h0, mask, dy, _ = inputs
+    reference = copy.deepcopy(eager).float()
+    with matmul_precision(torch, "highest"):
+        return outputs(torch, reference, reference.step, list(reference.parameters()), mode, h.float(), h0.float(),
+                       mask, dy.float(), empty_state(h.shape[0], h.shape[2], device="cuda"))
+
+
+def row_block(settings, mode: str, T: int) -> int:
+    """The fused kernels' row block under star_triton.LaunchSettings at this mode and length."""
+    smallest = settings.min_step_block_m if mode == "step" else settings.min_block_m
+    return max(smallest, 1 << (T - 1).bit_length())  # at least the next power of two >= T
+
+
+def launch_variants(st, args: argparse.Namespace, mode: str, T: int) -> list[tuple[str, Any]]:
+    """(label, star_triton.LaunchSettings) of the tuning sweep's extra fused rows: each
+    --min-block-m value (for a block and a decode step) whose row block at this shape differs
+    from the default's, then each --tiles value."""
+    default = st.DEFAULT_LAUNCH
+    variants = []
+    for bm in args.min_block_m:
+        settings = dataclasses.replace(default, min_block_m=bm, min_step_block_m=bm)
+        if row_block(settings, mode, T) != row_block(default, mode, T):
+            variants.append((f"fused bm>={bm}", settings))
+    return variants + [("fused tiles {}x{}x{}".format(*t), dataclasses.replace(default, tiles=st.Tiles(*t)))
+                       for t in args.tiles]
+
+
+def providers(torch, console, args: argparse.Namespace, eager, inputs: tuple, where: str) -> dict:
+    """label -> (forward, step, the parameters whose gradients a fwd+bwd writes) for one shape:
+    eager, fused, compile (batches in --compile-batches), the graphed copies (--graphs) and the
+    fused kernels under each launch_variants setting."""
+    from star_kernels import StarModule, star_triton
+
+    mode, h, _, mask, _, _ = inputs
+    fused = StarModule(args.d, backend="triton").to("cuda", h.dtype)
+    fused.load_state_dict(eager.state_dict())
+    found = {"eager": (eager, eager.step, list(eager.parameters())),
+             "fused": (fused, fused.step, list(fused.parameters()))}
+    if h.shape[0] in args.compile_batches:
+        found["compile"] = (torch.compile(eager, dynamic=False), torch.compile(eager.step, dynamic=False),
+                            found["eager"][2])
+    if args.graphs and mode != "step":
+        for label, module in (("eager graphed", eager), ("fused graphed", fused)):
+            try:
+                clone = graphed(torch, module, mode, h, mask)
+            except Exception as exc:  # capture can fail (a host sync, a new Triton version): say so
+                console.print(f"[red]{where} {label}: capture failed: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            found[label] = (clone, None, list(clone.parameters()))
+    for label, settings in launch_variants(star_triton, args, mode, h.shape[1]):
+        found[label] = (functools.partial(star_triton.fused_forward, fused, settings=settings),
+                        functools.partial(star_triton.fused_step, fused, settings=settings), found["fused"][2])
+    return found
+
+
+def measure(torch, do_bench, fns: tuple, inputs: tuple, ref: list) -> tuple[float, float, float]:
+    """(median ms, median host ms, largest relative error against ref) of one provider's
+    (forward, step, params)."""
+    fn, grads = call(torch, *fns, *inputs)
+    ms = do_bench(fn, grad_to_none=grads, return_mode="median")
+    got = outputs(torch, *fns, *inputs)
+    err = max(((a.float() - r).norm() / r.norm().clamp_min(1e-30)).item() for a, r in zip(got, ref))
+    return ms, host_ms(torch, fn, grads), err
+
+
+def bench_shape(torch, do_bench, console, args: argparse.Namespace, ceilings: dict, name: str, mode: str,
+                B: int) -> list[Row]:
+    """The rows of every provider at one precision, mode and batch size, also printed as one line;
+    a provider other than eager that fails is reported and left out."""
+    from star_kernels import StarModule
+
+    dtype_name, mm_precision = PRECISIONS[name]
+    dtype, T, where = getattr(torch, dtype_name), 1 if mode == "step" else args.time, f"{name} {mode} B={B}"
+    results = {}
+    with matmul_precision(torch, mm_precision):
+        eager = StarModule(args.d, backend="torch").to("cuda", dtype)
+        inputs = make_inputs(torch, mode, B, T, args.d, dtype)
+        ref = reference_outputs(torch, eager, inputs)
+        for label, fns in providers(torch, console, args, eager, inputs, where).items():
+            try:
+                results[label] = measure(torch, do_bench, fns, inputs, ref)
+            except Exception as exc:  # e.g. a configuration that does not compile: say so, go on
+                if label == "eager":
+                    raise
+                console.print(f"[red]{where} {label}: {type(exc).__name__}: {str(exc)[:300]}")
+    nbytes, flops = work(mode, B, T, args.d, torch.finfo(dtype).bits // 8)
+    memory_ms = nbytes / ceilings["bandwidth_gbps"] / 1e6
+    compute_ms = flops / ceilings[f"matmul_tflops_{name}"] / 1e9
+    floor_ms, bound = max((memory_ms, "memory"), (compute_ms, "compute"))
+    rows = []
+    for label, (ms, host, err) in results.items():
+        rows.append(Row(name, mode, B, T, label, ms, nbytes / ms / 1e6, flops / ms / 1e9, results["eager"][0] / ms,
+                        ms / floor_ms, host, err, memory_ms, compute_ms, bound))
+        if err > max(TOLERANCE[name], 2 * results["eager"][2]):
+            console.print(f"[red]{where} {label}: relative error {err:.1e} is over {TOLERANCE[name]} and twice eager's")
+    console.print(f"[dim]{where}: " + ", ".join(
+        f"{k} {v[0]:.3f} ms (host {v[1]:.3f}, err {v[2]:.1e})" for k, v in results.items()))
+    return rows
+
+
+def profile_backends(torch, console, args: argparse.Namespace) -> dict:
+    """The GPU kernels of one fused and one eager fwd+bwd (first precision, largest batch), each
+    also printed as a table."""
     from rich.table import Table
-    from triton.testing import do_bench
 
-    from star_kernels import star_triton
-    from star_kernels.reference import StarModule, empty_state
-    from star_runtime.cli import EXIT_USAGE
+    from star_kernels import StarModule
 
-    console = Console(width=200)  # the table has 14 columns; logs are not terminals
-    if args.time > star_triton.MAX_T:
-        console.print(f"[red]--time {args.time} is past the fused kernel's limit of {star_triton.MAX_T}")
-        return EXIT_USAGE
-    ceilings = measure_ceilings(torch, do_bench, args.precisions)
-    report = {
-        "device": torch.cuda.get_device_name(),
-        "date": datetime.date.today().isoformat(),
-        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        "torch": torch.__version__, "triton": triton.__version__,
-        "ceilings": ceilings, "rows": [],
-    }
-    rows: list[Row] = []
-    # the smallest row block of a block and of a decode step (one constant in the first kernels)
-    block_attrs = [a for a in ("MIN_BLOCK_M", "MIN_STEP_BLOCK_M") if hasattr(star_triton, a)]
-
-    def block_m(mode: str, T: int, settings: dict) -> int:
-        attr = "MIN_STEP_BLOCK_M" if mode == "step" and "MIN_STEP_BLOCK_M" in block_attrs else "MIN_BLOCK_M"
-        return max(settings.get(attr, getattr(star_triton, attr)), triton.next_power_of_2(T))
-
-    for name in args.precisions:
-        dtype_name, mm_precision = PRECISIONS[name]
-        dtype = getattr(torch, dtype_name)
-        torch.set_float32_matmul_precision(mm_precision)
-        elem = torch.finfo(dtype).bits // 8
-        for mode in args.modes:
-            for B in args.batches:
-                T = 1 if mode == "step" else args.time
-                eager = StarModule(args.d, backend="torch").to("cuda", dtype)
-                fused = StarModule(args.d, backend="triton").to("cuda", dtype)
-                fused.load_state_dict(eager.state_dict())
-                # label: (forward, step, the parameters whose gradients a fwd+bwd writes)
-                providers = {"eager": (eager, eager.step, list(eager.parameters())),
-                             "fused": (fused, fused.step, list(fused.parameters()))}
-                if B in args.compile_batches:
-                    providers["compile"] = (torch.compile(eager, dynamic=False),
-                                            torch.compile(eager.step, dynamic=False), providers["eager"][2])
-                h = torch.randn(B, T, args.d, device="cuda", dtype=dtype)
-                h0 = h[:, 0].contiguous()
-                mask = torch.ones(B, T, device="cuda", dtype=torch.bool)
-                mask[B // 2:, T - T // 4:] = False  # padded tails, as in a batch of replies
-                dy = torch.randn_like(h)
-                state = empty_state(B, args.d, device="cuda", dtype=dtype)  # the reference steps in h's dtype
-                if args.graphs and mode != "step":
-                    for label, module in (("eager graphed", eager), ("fused graphed", fused)):
-                        try:
-                            clone = graphed(torch, module, mode, h, mask)
-                        except Exception as exc:  # capture can fail (a host sync, a new Triton version): say so
-                            console.print(f"[red]{name} {mode} B={B} {label}: capture failed: "
-                                          f"{type(exc).__name__}: {str(exc)[:300]}")
-                            continue
-                        providers[label] = (clone, None, list(clone.parameters()))
-                inputs = (mode, h, h0, mask, dy, state)
-                reference = StarModule(args.d, backend="torch").to("cuda")  # float32, same rounded weights
-                reference.load_state_dict(eager.state_dict())
-                torch.set_float32_matmul_precision("highest")
-                ref = outputs(torch, reference, reference.step, list(reference.parameters()),
-                              mode, h.float(), h0.float(), mask, dy.float(), empty_state(B, args.d, device="cuda"))
-                torch.set_float32_matmul_precision(mm_precision)
-
-                def measure(label, forward, step, params):
-                    fn, grads = call(torch, forward, step, params, *inputs)
-                    ms = do_bench(fn, grad_to_none=grads, return_mode="median")
-                    got = outputs(torch, forward, step, params, *inputs)
-                    err = max(((a.float() - r).norm() / r.norm().clamp_min(1e-30)).item() for a, r in zip(got, ref))
-                    return ms, host_ms(torch, fn, grads), err
-
-                nbytes, flops = work(mode, B, T, args.d, elem)
-                memory_ms = nbytes / ceilings["bandwidth_gbps"] / 1e6
-                compute_ms = flops / ceilings[f"matmul_tflops_{name}"] / 1e9
-                floor_ms, bound = max((memory_ms, "memory"), (compute_ms, "compute"))
-                variants = [(label, fns, {}) for label, fns in providers.items()]
-                for bm in args.min_block_m:
-                    settings = dict.fromkeys(block_attrs, bm)
-                    if block_m(mode, T, settings) != block_m(mode, T, {}):  # else the default's row block
-                        variants.append((f"fused bm>={bm}", providers["fused"], settings))
-                variants += [("fused tiles {}x{}x{}".format(*t), providers["fused"], {"TILES": star_triton.Tiles(*t)})
-                             for t in args.tiles]
-                results = {}
-                for label, fns, settings in variants:
-                    defaults = {attr: getattr(star_triton, attr) for attr in settings}
-                    for attr, value in settings.items():
-                        setattr(star_triton, attr, value)
-                    try:
-                        results[label] = measure(label, *fns)
-                    except Exception as exc:  # e.g. a configuration that does not compile: say so, go on
-                        if label == "eager":
-                            raise
-                        console.print(f"[red]{name} {mode} B={B} {label}: {type(exc).__name__}: {str(exc)[:300]}")
-                    finally:
-                        for attr, value in defaults.items():
-                            setattr(star_triton, attr, value)
-                for label, (ms, host, err) in results.items():
-                    row = Row(name, mode, B, T, label, ms, nbytes / ms / 1e6, flops / ms / 1e9,
-                              results["eager"][0] / ms, ms / floor_ms, host, err, memory_ms, compute_ms, bound)
-                    rows.append(row)
-                    report["rows"].append(asdict(row))
-                    if err > max(TOLERANCE[name], 2 * results["eager"][2]):
-                        console.print(f"[red]{name} {mode} B={B} {label}: relative error {err:.1e} is over "
-                                      f"{TOLERANCE[name]} and twice eager's")
-                if args.json:  # after every shape, so a run cut short still leaves its numbers
-                    write_json(args.json, report)
-                console.print(f"[dim]{name} {mode} B={B}: " + ", ".join(
-                    f"{k} {v[0]:.3f} ms (host {v[1]:.3f}, err {v[2]:.1e})" for k, v in results.items()))
-    torch.set_float32_matmul_precision("highest")
-
-    if args.profile:
-        name = args.precisions[0]
-        dtype_name, mm_precision = PRECISIONS[name]
-        torch.set_float32_matmul_precision(mm_precision)
-        B, dtype = max(args.batches), getattr(torch, dtype_name)
+    name = args.precisions[0]
+    dtype_name, mm_precision = PRECISIONS[name]
+    B, dtype = max(args.batches), getattr(torch, dtype_name)
+    found: dict = {"precision": name, "batch": B}
+    with matmul_precision(torch, mm_precision):
         h = torch.randn(B, args.time, args.d, device="cuda", dtype=dtype)
         dy = torch.randn_like(h)
-        report["profile"] = {"precision": name, "batch": B}
         for backend in ("triton", "torch"):
             mod = StarModule(args.d, backend=backend).to("cuda", dtype)
             fn, grads = call(torch, mod, mod.step, list(mod.parameters()), "fwd+bwd", h, None, None, dy, None)
-
-            def cleared(fn=fn, grads=grads):  # as do_bench runs it: no gradient accumulation
-                for x in grads:
-                    x.grad = None
-                fn()
-
-            kernels = profile_kernels(torch, cleared)
-            report["profile"][backend] = kernels
+            kernels = found[backend] = profile_kernels(torch, fn, grads)
             table = Table(title=f"fwd+bwd kernels, backend={backend}, {name}, B={B}, T={args.time}: "
                                 f"{sum(k['us_per_call'] for k in kernels):.1f} us GPU time per call")
             for col in ("kernel", "us/call", "launches/call"):
@@ -380,10 +394,14 @@ def main(argv: list[str] | None = None) -> int:
             for k in kernels[:12]:
                 table.add_row(k["kernel"], f"{k['us_per_call']:.1f}", f"{k['launches_per_call']:.0f}")
             console.print(table)
-        torch.set_float32_matmul_precision("highest")
-        if args.json:
-            write_json(args.json, report)
+    return found
 
+
+def print_summary(console, report: dict, rows: list[Row], args: argparse.Namespace) -> None:
+    """The measured ceilings, then one table row per provider and shape."""
+    from rich.table import Table
+
+    ceilings = report["ceilings"]
     console.print(f"\n{report['device']}, {report['date']}: copy {ceilings['bandwidth_gbps']:.0f} GB/s; "
                   + ", ".join(f"{k.split('_')[-1]} matmul {v:.0f} TFLOP/s"
                               for k, v in ceilings.items() if k.startswith("matmul")))
@@ -396,6 +414,47 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.gbps:.0f}", f"{r.tflops:.1f}", f"{r.vs_eager:.2f}", f"{r.memory_floor_ms:.4f}",
                       f"{r.compute_floor_ms:.4f}", f"{r.vs_floor:.2f}", r.bound, f"{r.err:.1e}")
     console.print(table)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    if not torch.cuda.is_available():
+        print("No CUDA GPU here: the kernel benchmark needs one. The kernels' correctness tests run on "
+              "the CPU under Triton's interpreter: pytest tests/test_kernel.py")
+        return 0
+    import triton
+    from rich.console import Console
+    from triton.testing import do_bench
+
+    from star_kernels import star_triton
+    from star_runtime.cli import EXIT_USAGE
+
+    console = Console(width=200)  # the table has 14 columns; logs are not terminals
+    if args.time > star_triton.MAX_T:
+        console.print(f"[red]--time {args.time} is past the fused kernel's limit of {star_triton.MAX_T}")
+        return EXIT_USAGE
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "torch": torch.__version__, "triton": triton.__version__,
+        "ceilings": measure_ceilings(torch, do_bench, args.precisions), "rows": [],
+    }
+    rows: list[Row] = []
+    for name in args.precisions:
+        for mode in args.modes:
+            for B in args.batches:
+                rows += bench_shape(torch, do_bench, console, args, report["ceilings"], name, mode, B)
+                report["rows"] = [asdict(r) for r in rows]
+                if args.json:  # after every shape, so a run cut short still leaves its numbers
+                    write_json(args.json, report)
+    if args.profile:
+        report["profile"] = profile_backends(torch, console, args)
+        if args.json:
+            write_json(args.json, report)
+    print_summary(console, report, rows, args)
     return 0
 
 

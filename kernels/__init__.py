@@ -1,14 +1,18 @@
-"""STAR module: the PyTorch reference (reference.py) and the fused Triton kernel (star_triton.py).
+"""STAR module in three layers: the streaming state (state.py), the PyTorch reference
+(reference.py), and StarModule with its backend switch (module.py) between that reference and the
+fused Triton kernel (star_triton.py, which needs only state.py).
 
 `StarModule(backend="auto")` runs the kernel on CUDA where Triton imports and the reference
 elsewhere. The Triton names below are imported on first access, so `import star_kernels` works
 without Triton.
 """
 
-from .reference import BACKENDS, EMPTY_MAX, StarModule, StarState, causal_pool, empty_state
+from .module import BACKENDS, StarModule
+from .reference import causal_pool
+from .state import EMPTY_MAX, StarState, empty_state
 
 _TRITON_NAMES = (
-    "StarFunction", "StarWeights", "fused_forward", "fused_step", "module_weights",
+    "LaunchSettings", "StarFunction", "StarWeights", "Tiles", "fused_forward", "fused_step", "module_weights",
     "star_backward", "star_forward", "star_step",
 )
 

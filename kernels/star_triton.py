@@ -12,15 +12,15 @@ Implements, per decoder position t of a [B, T, d] block (SPEC section 1, kernels
 One program owns SPB = BLOCK_M // T whole sequences (BLOCK_M >= T rows, so T <= MAX_T): the
 pooling needs every earlier row of a sequence, and owning the sequence keeps it in one program
 with no carry between programs. The program runs four stages over its rows; each stage loops over
-BLOCK_N-wide column tiles and BLOCK_K-deep K tiles with tl.dot (TILES), and hands its result to
+BLOCK_N-wide column tiles and BLOCK_K-deep K tiles with tl.dot (Tiles), and hands its result to
 the next stage through a row-block of global memory (z, relu(W_g1 z), relu(W_p1 z)) that stays in
 L2 and that the backward needs anyway. The [BLOCK_M, BLOCK_M] causal weight matrix
 e^{s_i - m_t} is built in registers from the scores, so the pooling is one more tl.dot per column
 tile.
 
 The decode step is the same kernel with T = 1 and the streaming state (m, l, a) of each
-sequence as the carry: the carried sum enters with weight e^{m - m'} exactly as in
-StarModule.step, and the kernel writes the new state.
+sequence as the carry (kernels/state.py): the carried sum enters with weight e^{m - m'} exactly as
+in the reference's pool_step, and the kernel writes the new state.
 
 Backward (_star_bwd_kernel): the same row layout, recomputing the softmax weights from the saved
 s, m, l. It produces dL/dh, the gradients of the five pre-activations, and per program the column
@@ -43,29 +43,28 @@ than eager and host-bound (0.84 ms of host time for 0.40 ms of GPU work), the fo
 decode step 3.2-5.2x. In float32 with TF32 off the dots run on FMA units, 2.4x slower than eager, so
 StarModule(backend="auto") runs the reference there.
 
-Layout after Liger-Kernel's ops (one file: jit kernels, host functions, autograd.Function).
+Launch settings (tile shapes, smallest row blocks) are an argument of every host function
+(LaunchSettings, default the measured best), so a tuning sweep passes its own.
+
+Layout after Liger-Kernel's ops (one file: jit kernels, host functions, autograd.Function); like
+theirs it imports only what it builds on, the streaming state (kernels/state.py).
 """
 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .reference import EMPTY_MAX, StarState
+from .state import EMPTY_MAX, StarState
 
 # A program holds a [BLOCK_M, BLOCK_M] float32 weight tile; 128 x 128 over 8 warps is 64
 # registers a thread. Longer sequences go to the reference (training uses T <= 41).
 MAX_T = 128
-# Smallest row block: tensor-core tiles want M >= 64 (wgmma is 64 rows per warpgroup); 128 was
-# slower at every shape measured. The decode step (star_step) takes 16, which pads a small batch
-# less: on an H200 its bfloat16 step took 0.11 ms against 0.15-0.19 ms with 64 rows at B = 1..128
-# (docs/kernel.md).
-MIN_BLOCK_M = 64
-MIN_STEP_BLOCK_M = 16
 _EMPTY = tl.constexpr(EMPTY_MAX)  # jit code reads globals only as constexpr
 _NEG_INF = tl.constexpr(float("-inf"))
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -83,11 +82,24 @@ class Tiles(NamedTuple):
     num_stages: int  # software-pipeline depth of the K loops
 
 
-# On an H200 (docs/kernel.md) the bfloat16 forward at B = 128, T = 41 took 0.148 ms with 64x128x4
-# against 0.183 ms with the first version's 64x64x3 (64x128x3 and 64x64x5: 0.150, 0.147 ms); the
-# CUDA tests ran this one.
-TILES = Tiles(64, 128, 4)
-PREVIOUS_TILES = Tiles(64, 64, 3)  # the first version's configuration, selectable by assignment
+@dataclass(frozen=True)
+class LaunchSettings:
+    """How the host functions launch the kernels; frozen and hashable, so it keys the plan caches."""
+
+    # On an H200 (docs/kernel.md) the bfloat16 forward at B = 128, T = 41 took 0.148 ms with
+    # 64x128x4 against 0.183 ms with 64x64x3 (64x128x3 and 64x64x5: 0.150, 0.147 ms); the CUDA
+    # tests ran this one.
+    tiles: Tiles = Tiles(64, 128, 4)
+    # Smallest row block: tensor-core tiles want M >= 64 (wgmma is 64 rows per warpgroup); 128
+    # was slower at every shape measured.
+    min_block_m: int = 64
+    # Row block of a decode step (star_step): 16 pads a small batch less; on an H200 the bfloat16
+    # step took 0.11 ms against 0.15-0.19 ms with 64 rows at B = 1..128 (docs/kernel.md).
+    min_step_block_m: int = 16
+
+
+DEFAULT_LAUNCH = LaunchSettings()
+
 # Shared memory for the pipelined operand tiles: sm_90 gives a block 227 KB, and the backward's
 # transposes and the pooling tiles need room beside the pipeline.
 SMEM_BUDGET = 160 * 1024
@@ -501,7 +513,7 @@ def _new(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> to
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def unsupported(h: torch.Tensor, weights: StarWeights | None = None) -> str | None:
+def unsupported(h: torch.Tensor) -> str | None:
     """Why the fused kernel cannot run on h [B, T, d] (or [B, d] for a step), else None."""
     if h.dtype not in SUPPORTED_DTYPES:
         return f"dtype {h.dtype} (supported: float32, float16, bfloat16)"
@@ -541,14 +553,14 @@ class _Launch(NamedTuple):
     options: dict  # num_warps, num_stages
 
 
-def _launch(T: int, block_m: int | None, dtype: torch.dtype) -> _Launch:
+def _launch(T: int, block_m: int | None, dtype: torch.dtype, settings: LaunchSettings) -> _Launch:
     """Row block (whole sequences), tiles and launch options for sequences of length T."""
     if T > MAX_T:
         raise ValueError(f"the fused STAR kernel handles T <= {MAX_T}, got {T}")
-    bm = block_m or max(MIN_BLOCK_M, 1 << (T - 1).bit_length())  # next power of two >= T
+    bm = block_m or max(settings.min_block_m, 1 << (T - 1).bit_length())  # next power of two >= T
     if bm < T or bm < 16 or bm & (bm - 1):
         raise ValueError(f"block_m must be a power of two >= max(16, T={T}), got {bm}")
-    tiles, size = TILES, dtype.itemsize
+    tiles, size = settings.tiles, dtype.itemsize
     bk = tiles.block_k if size <= 2 or tiles.block_k <= 64 else tiles.block_k // 2
     stage_bytes = (bm * bk + bk * tiles.block_n) * size
     stages = max(2, min(tiles.num_stages, SMEM_BUDGET // stage_bytes))
@@ -602,15 +614,13 @@ class _FwdPlan(NamedTuple):
 
 # A training run calls with the same few shapes: everything but the tensors is computed once per
 # shape (2-core CPU, launches stubbed, B=1, T=2, d=8: star_forward 19 -> 12 us, star_backward
-# 53 -> 45 us; docs/kernel.md). TILES, MIN_BLOCK_M and the precision are in the key: they are
-# read at each call.
+# 53 -> 45 us; docs/kernel.md). The precision is in the key: PyTorch's setting is read at each call.
 @functools.lru_cache(maxsize=256)
 def _fwd_plan(B: int, T: int, D: int, GH: int, RH: int, GO: int, dtype: torch.dtype, block_m: int | None,
-              flags: tuple[bool, bool, bool, bool], prec: str, tiles: Tiles, min_block_m: int) -> _FwdPlan:
+              flags: tuple[bool, bool, bool, bool], prec: str, settings: LaunchSettings) -> _FwdPlan:
     """Grid, workspace sizes, integer arguments and constexprs of one forward launch; flags are
-    (HAS_MASK, HAS_STATE, STATE_OUT, SAVE); tiles and min_block_m only key the cache (_launch
-    reads the globals TILES and MIN_BLOCK_M)."""
-    launch = _launch(T, block_m, dtype)
+    (HAS_MASK, HAS_STATE, STATE_OUT, SAVE)."""
+    launch = _launch(T, block_m, dtype, settings)
     has_mask, has_state, state_out, save = flags
     ws_off, ws_n, rs_off, rs_n = _fwd_layout(B * T, D, GH, RH, GO, save)
     meta = dict(HAS_MASK=has_mask, HAS_STATE=has_state, STATE_OUT=state_out, SAVE=save,
@@ -637,10 +647,9 @@ class _BwdPlan(NamedTuple):
 
 @functools.lru_cache(maxsize=256)
 def _bwd_plan(B: int, T: int, D: int, GH: int, RH: int, GO: int, dtype: torch.dtype, block_m: int | None,
-              has_mask: bool, prec: str, tiles: Tiles, min_block_m: int) -> _BwdPlan:
-    """Grid, workspace sizes and offsets, integer arguments and constexprs of one backward
-    (tiles and min_block_m only key the cache, as in _fwd_plan)."""
-    launch = _launch(T, block_m, dtype)
+              has_mask: bool, prec: str, settings: LaunchSettings) -> _BwdPlan:
+    """Grid, workspace sizes and offsets, integer arguments and constexprs of one backward."""
+    launch = _launch(T, block_m, dtype, settings)
     M, P = B * T, -(-B // launch.seqs_per_program)
     ws_off, _, rs_off, _ = _fwd_layout(M, D, GH, RH, GO, True)
     (_, o_dhh, o_dgp, o_dpa), wb_n, (_, o_part), rb_n = _bwd_layout(M, D, GH, RH, GO, P)
@@ -675,20 +684,22 @@ def star_forward(
     save: bool = False,
     return_state: bool = False,
     block_m: int | None = None,
+    settings: LaunchSettings = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, StarState | None, tuple[torch.Tensor, ...] | None]:
     """Fused STAR forward over a block.
 
     h: [B, T, d]; mask: [B, T] (nonzero = real token) or None; state: the streaming state before
     the block (StarState with m [B], l [B], a [B, d]) or None for the empty state.
     Returns (h' [B, T, d], the state after the block if return_state, what star_backward needs if
-    save: (the casted weights, the two workspaces)).
+    save: (the casted weights, the two workspaces)). block_m: the row block, a power of two >= T
+    (default the smallest such one of at least settings.min_block_m rows).
     """
     B, T, D = h.shape
     dev, dt = h.device, h.dtype
     w = _prepare(weights, dt)
     GH, RH, GO = w.w_g1.shape[0], w.w_p1.shape[0], w.w_g2.shape[0]
     plan = _fwd_plan(B, T, D, GH, RH, GO, dt, block_m, (mask is not None, state is not None, return_state, save),
-                     _precision(dt), TILES, MIN_BLOCK_M)
+                     _precision(dt), settings)
     h2 = h.contiguous()
     out = _new((B, T, D), dt, dev)
     ws, rs = _new((plan.ws_n,), dt, dev), _new((plan.rs_n,), torch.float32, dev)
@@ -715,19 +726,20 @@ def star_backward(
     saved: tuple[torch.Tensor, ...],
     *,
     block_m: int | None = None,
+    settings: LaunchSettings = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, StarWeights]:
     """Gradients of star_forward (empty initial state): dL/dh [B, T, d] and dL/d(each weight).
 
-    saved: what star_forward(..., save=True) returned. The kernel gives dL/dh, the
-    pre-activation gradients and per-program column sums (bias gradients, dL/dq); dW = dA^T X are
-    reductions over all B*T rows, done by cuBLAS with the whole chip.
+    saved: what star_forward(..., save=True) returned, with the same block_m and settings. The
+    kernel gives dL/dh, the pre-activation gradients and per-program column sums (bias gradients,
+    dL/dq); dW = dA^T X are reductions over all B*T rows, done by cuBLAS with the whole chip.
     """
     B, T, D = h.shape
     n_w = len(StarWeights._fields)
     w, (ws, rs) = StarWeights(*saved[:n_w]), saved[n_w:]
     GH, RH, GO = w.w_g1.shape[0], w.w_p1.shape[0], w.w_g2.shape[0]
     M, dev, dt = B * T, h.device, h.dtype
-    pl = _bwd_plan(B, T, D, GH, RH, GO, dt, block_m, mask is not None, _precision(dt), TILES, MIN_BLOCK_M)
+    pl = _bwd_plan(B, T, D, GH, RH, GO, dt, block_m, mask is not None, _precision(dt), settings)
     h2, dy2 = h.contiguous(), dy.contiguous()
     dh = _new((B, T, D), dt, dev)
     wb, rb = _new((pl.wb_n,), dt, dev), _new((pl.rb_n,), torch.float32, dev)
@@ -754,39 +766,42 @@ def star_backward(
 
 
 def star_step(
-    h_t: torch.Tensor, weights: StarWeights, state: StarState, *, block_m: int | None = None
+    h_t: torch.Tensor, weights: StarWeights, state: StarState, *, block_m: int | None = None,
+    settings: LaunchSettings = DEFAULT_LAUNCH,
 ) -> tuple[torch.Tensor, StarState]:
     """One decoding position: h_t [B, d] and the state before it -> (h'_t [B, d], new state).
 
     The forward kernel with T = 1 and the state as carry (StarModule.step in one launch), on
-    blocks of MIN_STEP_BLOCK_M sequences unless block_m says otherwise.
+    blocks of settings.min_step_block_m sequences unless block_m says otherwise.
     """
     out, new_state, _ = star_forward(h_t[:, None, :], weights, None, state, return_state=True,
-                                     block_m=block_m or MIN_STEP_BLOCK_M)
+                                     block_m=block_m or settings.min_step_block_m, settings=settings)
     return out[:, 0], new_state
 
 
 class StarFunction(torch.autograd.Function):
     """h' = STAR(h) with the fused forward and backward kernels.
 
-    apply(h [B, T, d], mask [B, T] or None, *StarWeights) -> h' [B, T, d].
+    apply(h [B, T, d], mask [B, T] or None, LaunchSettings, *StarWeights) -> h' [B, T, d].
     """
 
     @staticmethod
-    def forward(ctx, h: torch.Tensor, mask: torch.Tensor | None, *weights: torch.Tensor) -> torch.Tensor:
-        out, _, saved = star_forward(h, StarWeights(*weights), mask, save=True)
+    def forward(ctx, h: torch.Tensor, mask: torch.Tensor | None, settings: LaunchSettings,
+                *weights: torch.Tensor) -> torch.Tensor:
+        out, _, saved = star_forward(h, StarWeights(*weights), mask, save=True, settings=settings)
         ctx.save_for_backward(h, mask, *saved)
+        ctx.settings = settings
         return out
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
         h, mask, *saved = ctx.saved_tensors
-        dh, grads = star_backward(dy, h, mask, tuple(saved))
-        return (dh, None, *grads)  # autograd casts a gradient to its weight's dtype where they differ
+        dh, grads = star_backward(dy, h, mask, tuple(saved), settings=ctx.settings)
+        return (dh, None, None, *grads)  # autograd casts a gradient to its weight's dtype where they differ
 
 
 def module_weights(module: torch.nn.Module) -> StarWeights:
-    """The StarWeights of a kernels.reference.StarModule (views, no copies)."""
+    """The StarWeights of a kernels.module.StarModule (views, no copies)."""
     # the module's dicts, not nn.Module.__getattr__: 21 attribute look-ups took 14 us a call on a CPU
     sub, p = module._modules, module._parameters
     return StarWeights(
@@ -798,14 +813,16 @@ def module_weights(module: torch.nn.Module) -> StarWeights:
     )
 
 
-def fused_forward(module: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def fused_forward(module: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor | None = None, *,
+                  settings: LaunchSettings = DEFAULT_LAUNCH) -> torch.Tensor:
     """StarModule.forward through the kernels: autograd when anything needs a gradient."""
     weights = module_weights(module)
     if torch.is_grad_enabled() and (h.requires_grad or any(w.requires_grad for w in weights)):
-        return StarFunction.apply(h, mask, *weights)
-    return star_forward(h, weights, mask)[0]
+        return StarFunction.apply(h, mask, settings, *weights)
+    return star_forward(h, weights, mask, settings=settings)[0]
 
 
-def fused_step(module: torch.nn.Module, h_t: torch.Tensor, state: StarState) -> tuple[torch.Tensor, StarState]:
+def fused_step(module: torch.nn.Module, h_t: torch.Tensor, state: StarState, *,
+               settings: LaunchSettings = DEFAULT_LAUNCH) -> tuple[torch.Tensor, StarState]:
     """StarModule.step through the kernel (no autograd: decoding)."""
-    return star_step(h_t, module_weights(module), state)
+    return star_step(h_t, module_weights(module), state, settings=settings)

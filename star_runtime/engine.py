@@ -34,7 +34,7 @@ import onnxruntime as ort
 from star_runtime.bundle import (FINGERPRINT_KEY, PRECISIONS, BundleError, contained, read_shared_tensors,
                                  weights_fingerprint)
 
-EMPTY_MAX = -1e30  # STAR's empty running max (kernels/reference.py); float16 clamps it to -65504
+EMPTY_MAX = -1e30  # STAR's empty running max (kernels/state.py); float16 clamps it to -65504
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 _HOST_OUTPUTS = ("logits", "hidden")  # the step graph's first outputs; the rest is recurrent state
 

@@ -133,7 +133,7 @@ def test_the_graph_is_read() -> None:
     # Guards against a walker that finds no edges and so can never fail.
     graph = _graph()
     assert "star_training.checkpoint" in graph
-    assert "star_kernels.reference" in graph["star_training.model"]
+    assert "star_kernels" in graph["star_training.model"]
     assert "star_runtime.runtime" in graph["star_runtime"]
 
 
@@ -145,6 +145,16 @@ def test_the_finder_sees_a_cycle() -> None:
 def test_no_import_cycle() -> None:
     cycle = _find_cycle(_graph())
     assert cycle is None, "module-level import cycle: " + " -> ".join(cycle or [])
+
+
+def test_the_kernel_layers() -> None:
+    # state <- reference <- module, and the kernel on the state alone: the module imports the
+    # kernel only inside a function, where Triton may be missing.
+    graph = _graph()
+    assert graph["star_kernels.state"] == set()
+    assert graph["star_kernels.reference"] == {"star_kernels.state"}
+    assert graph["star_kernels.module"] == {"star_kernels.reference", "star_kernels.state"}
+    assert graph["star_kernels.star_triton"] == {"star_kernels.state"}
 
 
 def test_the_runtime_imports_no_other_project_package() -> None:

@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 tl = pytest.importorskip("triton.language")
 
 from star_kernels import star_triton as st  # noqa: E402
-from star_kernels.reference import StarModule, StarState, empty_state  # noqa: E402
+from star_kernels import StarModule, StarState, empty_state  # noqa: E402
 
 # Triton imported before the variable was set: its own jit functions (tl.zeros...) are compiled
 # ones, which the interpreter cannot call.
@@ -126,7 +126,7 @@ def draw(B: int, T: int, d: int, masked: bool, dtype: torch.dtype, device: str):
     return h, mask, dy.to(dtype).to(device)
 
 
-def check_forward_backward(B, T, d, gate, gh, rh, masked, dtype, device) -> None:
+def check_forward_backward(B, T, d, gate, gh, rh, masked, dtype, device, settings=st.DEFAULT_LAUNCH) -> None:
     mod = make_module(d, gate, gh, rh, relu_margin=dtype != torch.float32)
     weights = st.StarWeights(*(w.detach().to(dtype).to(device) for w in st.module_weights(mod)))
     ref_mod = mod.to(device)
@@ -136,7 +136,7 @@ def check_forward_backward(B, T, d, gate, gh, rh, masked, dtype, device) -> None
 
     # inference forward (no saved tensors)
     h, mask, _ = draw(B, T, d, masked, dtype, device)
-    out, _, saved = st.star_forward(h, weights, mask)
+    out, _, saved = st.star_forward(h, weights, mask, settings=settings)
     assert saved is None
     assert_close("h' (no grad)", out, ref_mod(h.double(), mask), tol)
 
@@ -144,7 +144,7 @@ def check_forward_backward(B, T, d, gate, gh, rh, masked, dtype, device) -> None
     h, mask, dy = draw(B, T, d, masked, dtype, device)
     leaves = [w.clone().requires_grad_() for w in weights]
     hk = h.clone().requires_grad_()
-    out = st.StarFunction.apply(hk, mask, *leaves)
+    out = st.StarFunction.apply(hk, mask, settings, *leaves)
     out.backward(dy)
     h_ref = h.double().requires_grad_()
     out_ref = ref_mod(h_ref, mask)
@@ -195,12 +195,12 @@ def test_forward_backward_grid(d, T, B, dtype) -> None:
 
 @ON_CPU
 @pytest.mark.parametrize("tiles", [(64, 64, 3), (128, 64, 2)], ids=["64x64x3", "128x64x2"])
-def test_other_tile_shapes(tiles, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Other tile shapes (64x64x3: the first measured configuration; column tiles wider than d)
+def test_other_tile_shapes(tiles) -> None:
+    """Other tile shapes (64x64x3: what the default was measured against; column tiles wider than d)
     compute the same function. On a GPU, benchmarks/kernel.py --tiles checks each configuration
     it times against the reference."""
-    monkeypatch.setattr(st, "TILES", st.Tiles(*tiles))
-    check_forward_backward(5, 41, 96, "scalar", 48, None, True, torch.float32, "cpu")
+    settings = st.LaunchSettings(tiles=st.Tiles(*tiles))
+    check_forward_backward(5, 41, 96, "scalar", 48, None, True, torch.float32, "cpu", settings)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -213,7 +213,7 @@ def test_weights_in_another_dtype_are_cast(device) -> None:
     for ws in (weights, [w.half() for w in weights]):
         leaves = [w.clone().requires_grad_() for w in ws]
         hk = h.clone().requires_grad_()
-        out = st.StarFunction.apply(hk, mask, *leaves)
+        out = st.StarFunction.apply(hk, mask, st.DEFAULT_LAUNCH, *leaves)
         out.backward(dy)
         results.append([out, hk.grad, *(w.grad for w in leaves)])
     assert all(g.dtype == torch.float32 for g in results[0][2:])
@@ -353,7 +353,7 @@ def test_cpu_cases_in_fresh_process(selection: str) -> None:
 
 
 def test_reference_works_without_triton() -> None:
-    """kernels/reference.py imports Triton only on first use: with Triton missing, 'auto' runs
+    """kernels/module.py imports Triton only on first use: with Triton missing, 'auto' runs
     the reference and 'triton' says why it cannot run."""
     code = (
         "import sys; sys.modules['triton'] = None\n"

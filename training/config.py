@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from transformers import BlenderbotSmallConfig
 
-from star_kernels.reference import DEFAULT_GATE_BIAS
+from star_kernels.module import DEFAULT_GATE_BIAS
 
 
 @dataclass

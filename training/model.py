@@ -26,7 +26,7 @@ from torch import nn
 from transformers import BlenderbotSmallConfig, BlenderbotSmallForConditionalGeneration
 from transformers.cache_utils import Cache
 
-from star_kernels.reference import StarModule, StarState, empty_state
+from star_kernels import StarModule, StarState, empty_state
 from star_training.config import StarConfig
 
 IGNORE_INDEX = -100  # label of a position that is not scored (padding)
