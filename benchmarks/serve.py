@@ -195,7 +195,7 @@ def bench_bundle(bundle: Path, args: argparse.Namespace, log: Any) -> list[dict[
     from star_runtime import Runtime
 
     rt = Runtime.load(bundle, threads=args.threads)
-    precision = rt.manifest["precision"]
+    precision = rt.spec.precision
     rows = []
     direct_conversation(rt, 0, args)  # warm-up
     if args.max_other_cpu is not None:

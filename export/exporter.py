@@ -37,6 +37,7 @@ from star_runtime.bundle import (ENCODER_FILE, FORMAT_VERSION, MANIFEST_FILE, PR
 from star_runtime.engine import Engine
 from star_runtime.manifest import MAX_MANIFEST_BYTES, BundleError, parse
 from star_runtime.sampling import DecodingOptions
+from star_runtime.spec import BundleSpec
 from star_runtime.selfcheck import TOLERANCE, decisive_steps, golden
 from star_runtime.strategies import STRATEGIES, STRATEGY_NAMES
 from star_runtime.tokenizer import Tokenizer, TokenizerError
@@ -44,8 +45,7 @@ from star_training.checkpoint import CheckpointError, load_model
 from star_training.folders import write_folder_atomically
 from star_training.model import StarForConditionalGeneration
 
-# The paper's decoding options (DecodingOptions' defaults) and training's source length.
-GENERATION_DEFAULTS = {**DecodingOptions().as_manifest(), "max_source_length": 160}
+MAX_SOURCE_LENGTH = 160  # training's source length (SPEC section 1): the context the model was trained on
 
 
 def load_checkpoint(checkpoint: str | Path) -> tuple[StarForConditionalGeneration, Tokenizer]:
@@ -83,7 +83,8 @@ def check_finite(model: StarForConditionalGeneration, path: Path) -> None:
 
 
 def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: str) -> dict[str, Any]:
-    """weights.bin, encoder.onnx and decoder_step.onnx in `folder`; returns the manifest's "io"."""
+    """weights.bin, encoder.onnx and decoder_step.onnx in `folder`; returns the manifest's
+    "fingerprint" and "shared_tensors"."""
     dims = Dims.of(model)
     weights = WeightsFile(folder / WEIGHTS_FILE)
     try:
@@ -104,16 +105,22 @@ def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: s
         "fingerprint": fingerprint,
         "shared_tensors": {name: {**weights.tensors[name].as_dict(), "binding": binding}
                            for name, binding in shared.items()},
-        "io": {
-            "float_dtype": "float16" if precision == "float16" else "float32",
-            "d_model": dims.d_model,
-            "decoder_layers": dims.decoder_layers,
-            "decoder_heads": dims.decoder_heads,
-            "head_dim": dims.d_model // dims.decoder_heads,
-            "vocab_size": dims.vocab_size,
-            "max_positions": dims.max_positions,
-        },
     }
+
+
+def bundle_spec(model: StarForConditionalGeneration, tokenizer: Tokenizer, precision: str) -> BundleSpec:
+    """The bundle specification of `model` exported at `precision`, with the paper's decoding."""
+    dims = Dims.of(model)
+    return BundleSpec(
+        precision=precision, float_dtype="float16" if precision == "float16" else "float32", d_model=dims.d_model,
+        decoder_layers=dims.decoder_layers, decoder_heads=dims.decoder_heads,
+        head_dim=dims.d_model // dims.decoder_heads, vocab_size=dims.vocab_size, max_positions=dims.max_positions,
+        pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, unk_id=tokenizer.unk_id,
+        strategy_labels=STRATEGY_NAMES, strategy_tokens=STRATEGIES, strategy_token_ids=tuple(tokenizer.strategy_ids),
+        # b[strategy ids]: with the embedding's rows, the runtime's strategy head
+        strategy_logit_bias=tuple(model.base.final_logits_bias[0, tokenizer.strategy_ids].tolist()),
+        decoding=DecodingOptions(), max_source_length=MAX_SOURCE_LENGTH,
+    )
 
 
 def build_manifest(folder: Path, model: StarForConditionalGeneration, tokenizer: Tokenizer, precision: str,
@@ -125,7 +132,6 @@ def build_manifest(folder: Path, model: StarForConditionalGeneration, tokenizer:
     return {
         "format_version": FORMAT_VERSION,
         "producer": "star-export",
-        "precision": precision,
         "devices": list(PRECISIONS[precision]),
         "graphs": {"encoder": ENCODER_FILE, "step": STEP_FILE, "weights": WEIGHTS_FILE},
         **graphs,
@@ -142,13 +148,7 @@ def build_manifest(folder: Path, model: StarForConditionalGeneration, tokenizer:
             "max_position_embeddings": cfg.max_position_embeddings,
             "star": model.star_config.to_dict(),
         },
-        "strategies": {"labels": list(STRATEGY_NAMES), "tokens": list(STRATEGIES),
-                       "token_ids": list(tokenizer.strategy_ids),
-                       # b[strategy ids]: with the embedding's rows, the runtime's strategy head
-                       "logit_bias": model.base.final_logits_bias[0, tokenizer.strategy_ids].tolist()},
-        "special_ids": {"pad": tokenizer.pad_id, "bos": tokenizer.bos_id, "eos": tokenizer.eos_id,
-                        "unk": tokenizer.unk_id},
-        "generation": dict(GENERATION_DEFAULTS),
+        **bundle_spec(model, tokenizer, precision).as_manifest(),
         "validation": validation,
         "selfcheck": None,
         "files": {name: file_entry(folder / name) for name in files},

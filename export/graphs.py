@@ -26,8 +26,7 @@ STAR's streaming pool (kernels/reference.py, StarModule.step) with m, l kept [B,
     g  = sigmoid(relu(z W_g1 + b_g1) W_g2 + b_g2);   hhat = relu(z W_p1 + b_p1) W_p2 + b_p2
     h' = h + g (hhat - h)                                  (= g hhat + (1 - g) h)
 
-Tensor names follow optimum's scheme (`past_key_values.{i}.decoder.key`, `present.{i}...`) so
-the graphs read like optimum's in benchmarks/. Ops are onnxruntime's fused ones: a decoder layer
+Tensor names are star_runtime.spec's (optimum's scheme), the ones the runtime binds. Ops are onnxruntime's fused ones: a decoder layer
 is 14 nodes (6 MatMul, 2 MultiHeadAttention, 3 SkipLayerNormalization, BiasGelu, a Split of
 q|k|v and the Add of the cross-attention query's bias): 152 nodes for the 90M step graph with
 STAR, where optimum's decoder_with_past_model has 1,387. onnxruntime's transformer optimizer
@@ -42,15 +41,7 @@ import numpy as np
 
 from star_export.graph_builder import MS_DOMAIN, GraphBuilder
 from star_export.weights import EMBED, EMBED_SCALE, EMBED_T, LM_BIAS, Dims
-
-
-def kv_names(i: int, kind: str) -> tuple[str, str, str, str]:
-    """(past key, past value, present key, present value) names of layer i's `kind` attention."""
-    return (f"past_key_values.{i}.{kind}.key", f"past_key_values.{i}.{kind}.value",
-            f"present.{i}.{kind}.key", f"present.{i}.{kind}.value")
-
-
-STAR_STATE = ("max", "norm", "sum")  # m [B, 1], l [B, 1], a [B, d]
+from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, kv_names, star_names
 
 
 class _Ops:
@@ -183,7 +174,7 @@ def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
         for kind, length in (("decoder", "past"), ("encoder", "source")):
             for name in kv_names(i, kind)[:2]:
                 b.input(name, o.float, ["batch", n, length, hd])
-    state = [b.input(f"past_star.{s}", o.float, ["batch", d if s == "sum" else 1]) for s in STAR_STATE]
+    state = [b.input(star_names(s)[0], o.float, ["batch", d if s == "sum" else 1]) for s in STAR_STATE]
 
     # transformers' BlenderBot-Small decoder (4.57) neither scales the embedding by sqrt(d) (the
     # encoder does) nor adds positions before its LN; with embeddings of std 0.02 the LN's eps
@@ -214,12 +205,13 @@ def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
         logits = o.lm_head(fused)  # [B, V]
     if o.float is np.float16:  # the host reads float32
         logits, h = (b.op("Cast", [t], to=1) for t in (logits, h))
-    b.output(logits, "logits", np.float32, ["batch", dims.vocab_size])
-    b.output(h, "hidden", np.float32, ["batch", d])
+    logits_name, hidden_name = HOST_OUTPUTS
+    b.output(logits, logits_name, np.float32, ["batch", dims.vocab_size])
+    b.output(h, hidden_name, np.float32, ["batch", d])
     for name in presents:
         b.output(name, name, o.float, ["batch", n, "past_plus_one", hd])
     for s, value in zip(STAR_STATE, new_state):
-        b.output(value, f"present_star.{s}", o.float, ["batch", d if s == "sum" else 1])
+        b.output(value, star_names(s)[1], o.float, ["batch", d if s == "sum" else 1])
 
 
 def _star_step(o: _Ops, h: str, state: list[str]) -> tuple[str, list[str]]:

@@ -192,7 +192,8 @@ class Conversation:
         self.runtime, self.params = runtime, params
         self.situation = situation
         self.rng = np.random.default_rng(seed)
-        self.max_source = int(runtime.manifest["generation"]["max_source_length"])
+        self.spec = runtime.spec
+        self.max_source = self.spec.max_source_length
         self._items: list[list[int]] = []
         self._messages: list[dict[str, Any]] = []  # what history() returns
         self._crisis: str | None = None  # the category of the latest escalation, if any
@@ -229,7 +230,7 @@ class Conversation:
     def context_ids(self, message: str | None = None) -> list[int]:
         """The encoder input for the next reply: the items joined by __end__, last 160 tokens;
         with `message` (the next user message, cleaned), the input the reply to it reads."""
-        eos = self.runtime.manifest["special_ids"]["eos"]
+        eos = self.spec.eos_id
         items = self._items if message is None else [*self._items, self.runtime.tokenizer.encode(message)]
         joined = [i for item in items for i in (*item, eos)][:-1]
         return joined[-self.max_source:]
@@ -289,7 +290,7 @@ class Conversation:
     def _predict(self, context: list[int]) -> tuple[str, dict[str, float], Timings]:
         """The strategy for `context` (encoder and decoder position 0 only), its distribution, timings."""
         gen = generate(self.runtime.engine, context, self.params.but(max_new_tokens=0))
-        labels = self.runtime.manifest["strategies"]["labels"]
+        labels = self.spec.strategy_labels
         return labels[gen.strategy_id], dict(zip(labels, map(float, gen.strategy_probs))), gen.timings
 
     def reply(self, text: str, on_token: Callable[[str], bool | None] | None = None) -> Reply:
@@ -338,13 +339,13 @@ class Conversation:
         verdict = screen.finish(rt.tokenizer.decode(gen.tokens).removesuffix("@@"))
         for new in released:  # the rest, once the whole reply is screened (nothing left to stop)
             yield new
-        labels = rt.manifest["strategies"]["labels"]
+        labels = self.spec.strategy_labels
         strategy, probs = labels[gen.strategy_id], dict(zip(labels, map(float, gen.strategy_probs)))
         if verdict.escalate:
             reply = self._escalated(Escalation.of("model_reply", verdict), start, (strategy, probs, tuple(gen.tokens)))
             self._messages.append({"role": "assistant", "content": reply.text, "strategy": None})
             return reply
-        self._remember([rt.manifest["strategies"]["token_ids"][gen.strategy_id], *gen.tokens])
+        self._remember([self.spec.strategy_token_ids[gen.strategy_id], *gen.tokens])
         self._messages.append({"role": "assistant", "content": screen.text, "strategy": strategy})
         gen.timings.reply_ms = (time.perf_counter() - start) * 1e3
         return Reply(screen.text, strategy, probs, gen.timings, tokens=tuple(gen.tokens), stopped=gen.stopped)
@@ -356,7 +357,7 @@ class Conversation:
         if isinstance(history, (str, bytes, Mapping)) or not isinstance(history, Sequence):
             raise TypeError(f"history must be a list of messages, not {type(history).__name__}")
         start = time.perf_counter()
-        labels = rt.manifest["strategies"]["labels"]
+        labels = self.spec.strategy_labels
         # Which category each crisis reply answers (two categories may share a text).
         crisis_texts: dict[str, set[str]] = {}
         for category in CATEGORIES:
@@ -384,7 +385,7 @@ class Conversation:
                     strategy = self._predict(self.context_ids())[0]
                 tokens = rt.tokenizer.encode(cleaned)
                 if strategy is not None:
-                    tokens.insert(0, rt.manifest["strategies"]["token_ids"][labels.index(strategy)])
+                    tokens.insert(0, self.spec.strategy_token_ids[labels.index(strategy)])
                 self._remember(tokens)
             self._messages.append({"role": role, "content": content}
                                   | ({"strategy": strategy} if role == "assistant" else {}))

@@ -25,6 +25,7 @@ import numpy as np
 
 from star_runtime.engine import Engine
 from star_runtime.sampling import DecodingOptions, next_token, softmax
+from star_runtime.spec import BundleSpec
 
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -79,11 +80,10 @@ class Generation:
     timings: Timings
 
 
-def banned_ids(manifest: dict, *, with_eos: bool) -> np.ndarray:
+def banned_ids(spec: BundleSpec, *, with_eos: bool) -> np.ndarray:
     """Ids never allowed inside a response: strategy tokens, padding, __start__ (and __end__)."""
-    special = manifest["special_ids"]
-    ids = [*manifest["strategies"]["token_ids"], special["pad"], special["bos"]]
-    return np.array(ids + [special["eos"]] if with_eos else ids, dtype=np.int64)
+    ids = [*spec.strategy_token_ids, spec.pad_id, spec.bos_id]
+    return np.array(ids + [spec.eos_id] if with_eos else ids, dtype=np.int64)
 
 
 def stops(answer: object) -> bool:
@@ -113,27 +113,26 @@ def steps(
     arguments (raised at the first `next`); NonFiniteOutputError (a RuntimeError) when the model's
     logits are not finite.
     """
-    manifest = engine.manifest
-    max_new_tokens = options.max_new_tokens
-    limit = int(manifest["io"].get("max_positions", manifest["model_config"]["max_position_embeddings"])) - 1
+    spec = engine.spec
+    max_new_tokens, limit = options.max_new_tokens, spec.max_new_tokens
     if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, (int, np.integer)):
         raise ValueError(f"min_new_tokens must be an integer, not {min_new_tokens!r}")
     if not 0 <= min_new_tokens <= max_new_tokens <= limit:
         raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens <= {limit} (the model's position table holds "
                          f"{limit + 1} positions), got {min_new_tokens} and {max_new_tokens}")
-    special, strategy_ids = manifest["special_ids"], manifest["strategies"]["token_ids"]
+    strategy_ids = spec.strategy_token_ids
     context = np.asarray(context_ids, dtype=np.int64).reshape(1, -1)
     if context.shape[1] == 0:
         raise ValueError("the context is empty: at least one token is needed")
-    if context.min() < 0 or context.max() >= manifest["io"]["vocab_size"]:
-        raise ValueError(f"context token ids must be in 0..{manifest['io']['vocab_size'] - 1}")
+    if context.min() < 0 or context.max() >= spec.vocab_size:
+        raise ValueError(f"context token ids must be in 0..{spec.vocab_size - 1}")
     clock, timings = time.perf_counter, Timings()
     start = clock()
     ms = lambda t: (t - start) * 1e3  # noqa: E731
 
     run = engine.start(context)
     timings.encoder_ms = ms(clock())
-    run.step(special["bos"])
+    run.step(spec.bos_id)
     strategy_logits = engine.strategy_logits(run.hidden)
     _check_finite(strategy_logits, "strategy logits")
     probs = softmax(strategy_logits)
@@ -146,8 +145,8 @@ def steps(
         raise ValueError(f"forced_strategy must be a class id in 0..{len(strategy_ids) - 1}, not {forced_strategy!r}")
     timings.strategy_ms = ms(clock())
 
-    banned, banned_eos = banned_ids(manifest, with_eos=False), banned_ids(manifest, with_eos=True)
-    seen = {special["bos"], strategy_ids[strategy]}
+    banned, banned_eos = banned_ids(spec, with_eos=False), banned_ids(spec, with_eos=True)
+    seen = {spec.bos_id, strategy_ids[strategy]}
     token, tokens, stopped = strategy_ids[strategy], [], False
     for t in range(max_new_tokens):
         t0 = clock()
@@ -158,7 +157,7 @@ def steps(
         timings.token_ms.append((clock() - t0) * 1e3)
         if t == 0:
             timings.first_token_ms = ms(clock())
-        if token == special["eos"]:
+        if token == spec.eos_id:
             break
         tokens.append(token)
         seen.add(token)

@@ -33,10 +33,10 @@ import onnxruntime as ort
 
 from star_runtime.bundle import (FINGERPRINT_KEY, PRECISIONS, BundleError, contained, read_shared_tensors,
                                  weights_fingerprint)
+from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, BundleSpec, kv_names, star_names
 
 EMPTY_MAX = -1e30  # STAR's empty running max (kernels/state.py); float16 clamps it to -65504
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-_HOST_OUTPUTS = ("logits", "hidden")  # the step graph's first outputs; the rest is recurrent state
 
 
 class DeviceError(BundleError):
@@ -97,14 +97,14 @@ class StrategyHead:
     bias: np.ndarray
 
     @classmethod
-    def from_shared(cls, manifest: dict[str, Any], shared: dict[str, np.ndarray]) -> StrategyHead:
-        ids = manifest["strategies"]["token_ids"]
+    def from_shared(cls, spec: BundleSpec, shared: dict[str, np.ndarray]) -> StrategyHead:
+        ids = list(spec.strategy_token_ids)
         if "embed.weight_t" in shared:  # float bundles: E^T [d, V]
             weight = shared["embed.weight_t"][:, ids].T
         else:  # int8: E_q uint8 [V, d/B, B] and scales [V, d/B] (export/weights.py)
             q, scale = shared["embed.weight"][ids].astype(np.float64), shared["embed.weight.scale"][ids]
             weight = ((q - 128) * scale[..., None]).reshape(len(ids), -1)
-        return cls(weight.astype(np.float64), np.asarray(manifest["strategies"]["logit_bias"], np.float64))
+        return cls(weight.astype(np.float64), np.asarray(spec.strategy_logit_bias, np.float64))
 
     def __call__(self, hidden: np.ndarray) -> np.ndarray:
         return self.weight @ hidden + self.bias
@@ -113,6 +113,7 @@ class StrategyHead:
 @dataclass
 class Engine:
     manifest: dict[str, Any]
+    spec: BundleSpec
     device: str
     encoder: ort.InferenceSession
     step: ort.InferenceSession
@@ -164,8 +165,9 @@ class Engine:
         encoder, step = sessions
         if device == "cuda" and "CUDAExecutionProvider" not in step.get_providers():
             raise DeviceError("onnxruntime could not start CUDA for this bundle (is a GPU visible?)")
-        head = StrategyHead.from_shared(manifest, arrays)
-        return cls(manifest, device, encoder, step, inputs, head, (arrays, initializers))
+        spec = BundleSpec.from_manifest(manifest)
+        head = StrategyHead.from_shared(spec, arrays)
+        return cls(manifest, spec, device, encoder, step, inputs, head, (arrays, initializers))
 
     def start(self, context_ids: np.ndarray) -> DecodeRun:
         """Run the encoder on context ids [1, S] (int64) and return a run at decoder position 0."""
@@ -193,37 +195,36 @@ class DecodeRun:
     """
 
     def __init__(self, engine: Engine, cross: dict[str, ort.OrtValue]) -> None:
-        io_cfg = engine.manifest["io"]
+        spec = engine.spec
         self.engine, self.position = engine, 0
         self._io = io = engine.step.io_binding()
         self._device = engine.device
-        dtype = np.dtype(io_cfg["float_dtype"])
-        n, hd, d = io_cfg["decoder_heads"], io_cfg["head_dim"], io_cfg["d_model"]
+        dtype = np.dtype(spec.float_dtype)
+        n, hd, d = spec.decoder_heads, spec.head_dim, spec.d_model
         # Inputs written in place before every step (the binding keeps pointers to them).
         self._ids = np.zeros((1, 1), np.int64)
         self._pos = np.zeros((1,), np.int64)
         io.bind_cpu_input("input_ids", self._ids)
         io.bind_cpu_input("position", self._pos)
         _bind_shared(io, engine.step, engine.inputs)
-        for name, value in cross.items():  # present.{i}.encoder.* -> past_key_values.{i}.encoder.*
-            io.bind_ortvalue_input(name.replace("present.", "past_key_values.", 1), value)
+        for name, past in spec.cross().items():
+            io.bind_ortvalue_input(past, cross[name])
         self._cross = cross  # kept alive while bound
-        self._logits = np.empty((1, io_cfg["vocab_size"]), np.float32)
+        self._logits = np.empty((1, spec.vocab_size), np.float32)
         self._hidden = np.empty((1, d), np.float32)
-        for name, buf in zip(_HOST_OUTPUTS, (self._logits, self._hidden)):
+        for name, buf in zip(HOST_OUTPUTS, (self._logits, self._hidden)):
             io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
         self.logits, self.hidden = self._logits[0], self._hidden[0]
         # The recurrent state: the previous step's outputs become this step's inputs.
-        state = {
-            "past_star.max": np.full((1, 1), max(EMPTY_MAX, float(np.finfo(dtype).min)), dtype),
-            "past_star.norm": np.zeros((1, 1), dtype),
-            "past_star.sum": np.zeros((1, d), dtype),
-        }
-        for i in range(io_cfg["decoder_layers"]):
-            for part in ("key", "value"):
-                state[f"past_key_values.{i}.decoder.{part}"] = np.zeros((1, n, 0, hd), dtype)
+        empty = {"max": np.full((1, 1), max(EMPTY_MAX, float(np.finfo(dtype).min)), dtype),
+                 "norm": np.zeros((1, 1), dtype), "sum": np.zeros((1, d), dtype)}
+        state = {star_names(part)[0]: empty[part] for part in STAR_STATE}
+        for i in range(spec.decoder_layers):
+            names = kv_names(i, "decoder")
+            state |= {past: np.zeros((1, n, 0, hd), dtype) for past in (names.past_key, names.past_value)}
         self._state = {name: ort.OrtValue.ortvalue_from_numpy(a, self._device) for name, a in state.items()}
-        self._recurrent = [o.name for o in engine.step.get_outputs()][len(_HOST_OUTPUTS):]
+        self._recurrent = [o.name for o in engine.step.get_outputs()][len(HOST_OUTPUTS):]
+        self._past = spec.recurrent()
 
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token at the current position; returns `logits` (h' through the LM head)."""
@@ -235,12 +236,7 @@ class DecodeRun:
         for name in self._recurrent:
             io.bind_output(name, self._device)
         self.engine.step.run_with_iobinding(io)
-        values = io.get_outputs()[len(_HOST_OUTPUTS):]
-        self._state = {_past_name(name): value for name, value in zip(self._recurrent, values)}
+        values = io.get_outputs()[len(HOST_OUTPUTS):]
+        self._state = {self._past[name]: value for name, value in zip(self._recurrent, values)}
         self.position += 1
         return self.logits
-
-
-def _past_name(present: str) -> str:
-    """present.{i}.decoder.key -> past_key_values.{i}.decoder.key; present_star.x -> past_star.x."""
-    return present.replace("present_star.", "past_star.", 1).replace("present.", "past_key_values.", 1)

@@ -66,14 +66,15 @@ class Runtime:
 
     Make one with `Runtime.load(path)` (or `Runtime.load()` for the default bundle), then talk
     with `rt.conversation(...).reply(text)`, or call `rt.generate(ids)` for token ids in and out.
-    Attributes: `path` (the bundle folder), `manifest` (its manifest.json), `device`,
-    `tokenizer`, `safety`. One Runtime may serve many threads, one conversation per thread.
+    Attributes: `path` (the bundle folder), `spec` (the model's sizes, ids, strategies and
+    decoding defaults: star_runtime.spec.BundleSpec), `manifest` (the whole manifest.json),
+    `device`, `tokenizer`, `safety`. One Runtime may serve many threads, one conversation per thread.
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], engine: Engine, tokenizer: Tokenizer,
                  safety: SafetyPolicy) -> None:
         self.path, self.manifest, self.engine, self.tokenizer, self.safety = path, manifest, engine, tokenizer, safety
-        self.device = engine.device
+        self.spec, self.device = engine.spec, engine.device
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu", *, threads: int | None = None,
@@ -117,7 +118,7 @@ class Runtime:
     def options(self, **overrides: Any) -> DecodingOptions:
         """The bundle's decoding options (the paper's, as the exporter wrote them), with
         `overrides` (DecodingOptions' fields; None = keep)."""
-        return DecodingOptions.from_manifest(self.manifest["generation"], **overrides)
+        return self.spec.decoding.but(**overrides)
 
     def conversation(self, situation: str | None = None, seed: int | None = None, *,
                      options: DecodingOptions | None = None, history: Sequence[Mapping[str, Any]] = (),
@@ -146,7 +147,7 @@ class Runtime:
         token t is read at position t + 1. on_token(token_id): False stops (decoding.stops).
         """
         base = options if options is not None else self.options(do_sample=False)
-        ids = list(context_ids)[-int(self.manifest["generation"]["max_source_length"]):]
+        ids = list(context_ids)[-self.spec.max_source_length:]
         return generate(self.engine, ids, base.but(**overrides), min_new_tokens=min_new_tokens,
                         stop_at_eos=stop_at_eos, rng=np.random.default_rng(seed), forced_strategy=forced_strategy,
                         on_token=on_token)

@@ -55,8 +55,8 @@ SPREAD = 56  # ... and ids spread over the vocabulary (a kernel that zeroes or s
 TOLERANCE = {"float32": 1e-3, "int8": 0.1, "float16": 0.1}
 
 
-def _banned(manifest: dict[str, Any]) -> np.ndarray:
-    return banned_ids(manifest, with_eos=True)  # a fixed-length reply: __end__ is never chosen
+def _banned(engine: Engine) -> np.ndarray:
+    return banned_ids(engine.spec, with_eos=True)  # a fixed-length reply: __end__ is never chosen
 
 
 def _steps(engine: Engine, context_ids: list[int], strategy_token: int | None, tokens: list[int] | None,
@@ -65,11 +65,10 @@ def _steps(engine: Engine, context_ids: list[int], strategy_token: int | None, t
 
     strategy_token/tokens None: choose greedily (the exporter); else feed them (the check).
     """
-    manifest = engine.manifest
-    sids = manifest["strategies"]["token_ids"]
-    banned = _banned(manifest)
+    sids = engine.spec.strategy_token_ids
+    banned = _banned(engine)
     run = engine.start(np.asarray([context_ids], dtype=np.int64))
-    run.step(manifest["special_ids"]["bos"])
+    run.step(engine.spec.bos_id)
     strategy_logits = np.asarray(engine.strategy_logits(run.hidden), dtype=np.float64)
     token = sids[int(strategy_logits.argmax())] if strategy_token is None else strategy_token
     first, fed, all_logits = token, [], []
@@ -94,10 +93,10 @@ def platform_name(engine: Engine) -> dict[str, str]:
 
 def golden(engine: Engine, context_ids: list[int], steps: int = STEPS) -> dict[str, Any]:
     """The record star-export stores in manifest["selfcheck"] (module docstring)."""
-    vocab = engine.manifest["io"]["vocab_size"]
+    vocab = engine.spec.vocab_size
     strategy_logits, all_logits, tokens, _ = _steps(engine, context_ids, None, None, steps)
     spread = np.linspace(0, vocab - 1, SPREAD).astype(np.int64)
-    banned = _banned(engine.manifest)
+    banned = _banned(engine)
     records = []
     for logits, token in zip(all_logits, tokens):
         masked = logits.copy()
@@ -130,7 +129,7 @@ def measure(engine: Engine, manifest: dict[str, Any]) -> tuple[float, list[str]]
     """Run the golden context on this platform: (d, the greedy choices that differ) (module docstring)."""
     record = manifest["selfcheck"]
     tolerance = TOLERANCE[manifest["precision"]]
-    sids = manifest["strategies"]["token_ids"]
+    sids = engine.spec.strategy_token_ids
     golden_strategy = int(np.argmax(record["strategy_logits"]))
     steps = record["steps"]
     strategy_logits, all_logits, _, _ = _steps(engine, record["context_ids"], sids[golden_strategy],
@@ -139,7 +138,7 @@ def measure(engine: Engine, manifest: dict[str, Any]) -> tuple[float, list[str]]
     problems = []
     if _margin(record["strategy_logits"]) > 2 * tolerance and int(strategy_logits.argmax()) != golden_strategy:
         problems.append("the strategy differs")
-    banned = _banned(manifest)
+    banned = _banned(engine)
     for t, (logits, step) in enumerate(zip(all_logits, steps), start=1):
         if not np.isfinite(logits).all():
             problems.append(f"NaN or infinite logits at step {t}")

@@ -278,3 +278,24 @@ def test_the_shipped_default_bundle_passes_its_self_check():
     assert manifest["format_version"] == 2 and manifest["precision"] == "int8"
     Runtime.load(shipped)  # raises BundleError if this platform computes something else
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 30e6
+
+
+def test_the_spec_is_the_manifests_model_sections_and_names_every_tensor(bundle):
+    """BundleSpec reads back what the exporter wrote from it, and its names are the graphs' own."""
+    from star_runtime.sampling import DecodingOptions
+    from star_runtime.spec import HOST_OUTPUTS, BundleSpec
+
+    manifest = load_manifest(bundle)
+    spec = BundleSpec.from_manifest(manifest)
+    for key, section in spec.as_manifest().items():
+        assert manifest[key] == section, key
+    assert spec.decoding == DecodingOptions()  # the paper's defaults, written once
+    rt = Runtime.load(bundle)
+    step_inputs = {i.name for i in rt.engine.step.get_inputs()}
+    step_outputs = [o.name for o in rt.engine.step.get_outputs()]
+    encoder_outputs = {o.name for o in rt.engine.encoder.get_outputs()}
+    assert tuple(step_outputs[:len(HOST_OUTPUTS)]) == HOST_OUTPUTS
+    assert set(spec.recurrent()) == set(step_outputs[len(HOST_OUTPUTS):])
+    assert set(spec.cross()) == encoder_outputs
+    fed = set(spec.recurrent().values()) | set(spec.cross().values())
+    assert fed <= step_inputs and step_inputs - fed <= {"input_ids", "position", *manifest["shared_tensors"]}

@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             worker = DecodeWorker(rt, args.max_queue)
             worker.start()
             state.runtime, state.worker = rt, worker
-            logger.info("ready: %s, %s bundle %s on %s", args.model_name, rt.manifest["precision"],
+            logger.info("ready: %s, %s bundle %s on %s", args.model_name, rt.spec.precision,
                         printable(rt.path), rt.device)
             return
         server.should_exit = True

@@ -169,11 +169,11 @@ def parse_messages(body: object, limits: Limits, labels: list[str]) -> tuple[str
 
 def parse_chat(body: object, limits: Limits, rt: Runtime) -> ChatRequest:
     """A /v1/chat/completions body as a ChatRequest; APIError (400, 413) naming what is wrong."""
-    situation, history, message = parse_messages(body, limits, rt.manifest["strategies"]["labels"])
+    situation, history, message = parse_messages(body, limits, rt.spec.strategy_labels)
     assert isinstance(body, Mapping)
     if (n := _integer(body, "n", 1)) is not None and n != 1:
         raise _invalid("only n=1 is supported: one reply per request", "n")
-    limit = int(rt.manifest["io"]["max_positions"]) - 1  # position 0 reads __start__ (decoding.generate)
+    limit = rt.spec.max_new_tokens
     tokens = _integer(body, "max_completion_tokens", 1, limit)
     if tokens is None:
         tokens = _integer(body, "max_tokens", 1, limit)
@@ -198,7 +198,7 @@ def parse_chat(body: object, limits: Limits, rt: Runtime) -> ChatRequest:
 
 def parse_strategy(body: object, limits: Limits, rt: Runtime) -> ChatRequest:
     """A /v1/strategy body ({"messages": [...]}, as for a completion) as a ChatRequest."""
-    situation, history, message = parse_messages(body, limits, rt.manifest["strategies"]["labels"])
+    situation, history, message = parse_messages(body, limits, rt.spec.strategy_labels)
     return ChatRequest(situation, tuple(history), message, rt.options(do_sample=False), None)
 
 
