@@ -129,7 +129,8 @@ def measure_ceilings(torch, do_bench, precisions: list[str]) -> dict:
     n = 1 << 28  # 1 GiB of float32: far past the 50-60 MB L2
     src = torch.randn(n, device="cuda")
     dst = torch.empty_like(src)
-    out = {"bandwidth_gbps": 2 * src.numel() * 4 / do_bench(lambda: dst.copy_(src), return_mode="median") / 1e6}
+    copy_ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    out = {"bandwidth_gbps": 2 * n * 4 / copy_ms / 1e6}
     del src, dst
     for name in precisions:
         dtype, mm_precision = PRECISIONS[name]

@@ -27,10 +27,11 @@ the position table) are checked too, so nothing later indexes out of range.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from typing import Any
+
+from star_runtime.json_bytes import JSONBytesError, decode_json
 
 FORMAT_VERSION = 2
 PRECISIONS = {"float32": ("cpu", "cuda"), "int8": ("cpu",), "float16": ("cuda",)}
@@ -50,24 +51,12 @@ class BundleError(ValueError):
 
 
 def parse(data: bytes, source: str) -> dict[str, Any]:
-    """The manifest's bytes -> a dict; BundleError for bytes that are not one JSON object.
-
-    NaN and Infinity (which Python's json accepts) are refused, and so is nesting deep enough to
-    exhaust Python's recursion limit.
-    """
-    def no_constants(name: str) -> None:
-        raise ValueError(f"{name} is not a JSON number")
-
+    """The manifest's bytes -> a dict; BundleError for bytes that are not one JSON object
+    (star_runtime.json_bytes: NaN, Infinity and too deep a nesting are refused too)."""
     try:
-        value = json.loads(data.decode("utf-8"), parse_constant=no_constants)
-    except UnicodeDecodeError:
-        raise BundleError(f"{source}: not UTF-8 text") from None
-    except json.JSONDecodeError as err:
-        raise BundleError(f"{source}:{err.lineno}: not valid JSON: {err.msg}") from None
-    except ValueError as err:
-        raise BundleError(f"{source}: not valid JSON: {err}") from None
-    except RecursionError:
-        raise BundleError(f"{source}: not a manifest: JSON nested too deeply") from None
+        value = decode_json(data, source)
+    except JSONBytesError as err:
+        raise BundleError(str(err)) from None
     if not isinstance(value, dict):
         raise BundleError(f"{source}: expected a JSON object, got {type(value).__name__}")
     return value

@@ -43,6 +43,7 @@ import re
 from pathlib import Path
 
 from star_runtime.atomic import write_text_atomically
+from star_runtime.json_bytes import JSONBytesError, decode_json
 from star_runtime.strategies import STRATEGIES
 
 PAD, BOS, EOS, UNK = "__null__", "__start__", "__end__", "__unk__"
@@ -61,13 +62,9 @@ class TokenizerError(ValueError):
 
 def _parse_json(data: bytes, path: Path) -> object:
     try:
-        return json.loads(data.decode("utf-8"))
-    except UnicodeDecodeError as err:
-        raise TokenizerError(f"{path}: cannot read: {err}") from None
-    except json.JSONDecodeError as err:
-        raise TokenizerError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from None
-    except RecursionError:
-        raise TokenizerError(f"{path}: JSON nested too deeply") from None
+        return decode_json(data, str(path))
+    except JSONBytesError as err:
+        raise TokenizerError(str(err)) from None
 
 
 class Tokenizer:

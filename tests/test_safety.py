@@ -565,7 +565,8 @@ def test_older_list_layout_is_still_read(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("content", "problem"), [
-    (b'{"default": ["a",]}', "invalid JSON at line 1, column"),
+    (b'{"default": ["a",]}', "bad.json:1: not valid JSON"),
+    (b'{"default": [NaN]}', "NaN is not a JSON number"),
     (b'["call 112"]', "expected a JSON object"),
     (b'{"en-US": ["Call 988"]}', 'no "default" entry'),
     (b'{"default": []}', "expected a non-empty list"),

@@ -183,11 +183,20 @@ def llm_errors() -> Iterator[None]:
         raise Failure(str(exc)) from None
 
 
-def load_tokenizer(explicit: Path | None, model_folder: Path) -> Tokenizer:
-    """The tokenizer of a command: --tokenizer if given, else the model folder's, else the default."""
-    for folder in (explicit, model_folder, DEFAULT_TOKENIZER):
-        if folder is not None and (folder / "vocab.json").is_file():
-            return Tokenizer.from_dir(folder)
+def find_tokenizer(explicit: Path | None, *folders: str | Path | None) -> Path:
+    """The tokenizer folder of a command: --tokenizer if given (Tokenizer.from_dir names what is
+    missing there), else the first of `folders` (a model's, an --init's) that holds tokenizer
+    files, else the default; CliError when none does."""
     if explicit is not None:
-        return Tokenizer.from_dir(explicit)  # raises a TokenizerError naming what is missing
-    raise CliError(f"{model_folder} holds no tokenizer files and {DEFAULT_TOKENIZER} none either; pass --tokenizer")
+        return Path(explicit)
+    searched = [Path(f) for f in folders if f is not None] + [DEFAULT_TOKENIZER]
+    for folder in searched:
+        if (folder / "vocab.json").is_file():
+            return folder
+    raise CliError(f"no --tokenizer given and no tokenizer files in {' or '.join(map(str, searched))}; "
+                   "pass --tokenizer DIR")
+
+
+def load_tokenizer(explicit: Path | None, model_folder: Path) -> Tokenizer:
+    """The tokenizer `find_tokenizer` finds for a command on the model in `model_folder`."""
+    return Tokenizer.from_dir(find_tokenizer(explicit, model_folder))

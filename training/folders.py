@@ -46,9 +46,10 @@ def _alive(pid: int) -> bool:
 def stale_temp_folders(dest: Path) -> list[Path]:
     """`.NAME.tmp-PID` folders beside `dest` whose writer is no longer running."""
     pattern = re.compile(rf"\.{re.escape(dest.name)}\.tmp-(\d+)")
-    found = [p for p in dest.parent.iterdir() if (m := pattern.fullmatch(p.name))] if dest.parent.is_dir() else []
-    return sorted(p for p in found if p.is_dir() and not p.is_symlink()
-                  and not _alive(int(pattern.fullmatch(p.name).group(1))))
+    if not dest.parent.is_dir():
+        return []
+    return sorted(p for p in dest.parent.iterdir()
+                  if (m := pattern.fullmatch(p.name)) and p.is_dir() and not p.is_symlink() and not _alive(int(m.group(1))))
 
 
 def recover_folder(dest: Path, complete: Callable[[Path], bool]) -> list[str]:

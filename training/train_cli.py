@@ -32,6 +32,7 @@ from star_training.cli_common import (
     CliError,
     Failure,
     add_common_args,
+    find_tokenizer,
     nonnegative_int,
     positive_float,
     positive_int,
@@ -126,17 +127,6 @@ def _given(args: argparse.Namespace) -> dict:
     return given
 
 
-def _tokenizer_dir(args: argparse.Namespace) -> Path:
-    if args.tokenizer is not None:
-        return args.tokenizer
-    for folder in (args.init, args.base):
-        if folder is not None and (Path(folder) / "vocab.json").is_file():
-            return Path(folder)
-    if (DEFAULT_TOKENIZER / "vocab.json").is_file():
-        return DEFAULT_TOKENIZER
-    raise CliError(f"no --tokenizer given and no tokenizer files in {DEFAULT_TOKENIZER}; pass --tokenizer DIR")
-
-
 def _fresh_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
     given = _given(args)
     stage = given.get("stage", DEFAULTS["stage"])
@@ -161,7 +151,7 @@ def _fresh_config(args: argparse.Namespace, world_size: int) -> TrainConfig:
     out = _out(args)
     cfg = TrainConfig(
         out=str(out.resolve()), data=str(resolve_data_path(args.data).resolve()),
-        tokenizer=str(_tokenizer_dir(args).resolve()), **given,
+        tokenizer=str(find_tokenizer(args.tokenizer, args.init, args.base).resolve()), **given,
     )
     lam = 0.0 if cfg.stage == "0" else lambda_for_epoch(cfg.epochs, cfg.epochs, cfg.lambda0)
     if lam > 1:

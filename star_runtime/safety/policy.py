@@ -20,12 +20,12 @@ lines for every category, the built-in messages), is still read.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from star_runtime.json_bytes import JSONBytesError, decode_json
 from star_runtime.safety.detector import CATEGORIES, RuleSet, SafetyVerdict, rule_set
 
 MAX_FILE_BYTES = 1 << 20  # a resources file is a few kB; a bound keeps /dev/zero from hanging us
@@ -58,13 +58,9 @@ def _read_json(path: Path) -> Any:
     if len(raw) > MAX_FILE_BYTES:
         raise fail(f"larger than {MAX_FILE_BYTES} bytes; a resources file is a few kB")
     try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise fail(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except json.JSONDecodeError as e:
-        raise fail(f"invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-    except RecursionError:
-        raise fail("nested too deeply") from None
+        return decode_json(raw, f"crisis resources file {path}")
+    except JSONBytesError as err:
+        raise SafetyConfigError(str(err)) from None
 
 
 Table = dict[str, dict[str, dict[str, Any]]]  # locale -> {"message"|"resources": category -> value}

@@ -44,6 +44,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from star_runtime.decoding import NonFiniteOutputError
+from star_runtime.json_bytes import JSONBytesError, decode_json
 from star_runtime.runtime import Runtime
 from star_runtime.serve import schema
 from star_runtime.serve.schema import APIError, ChatRequest, Limits
@@ -114,11 +115,10 @@ async def _read_json(request: Request, limits: Limits) -> Any:
         if len(body) > limits.max_request_bytes:
             raise too_large
     try:
-        return json.loads(bytes(body))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise APIError(400, f"the request body is not valid JSON: {err}", code="invalid_json") from None
-    except RecursionError:
-        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
+        return decode_json(bytes(body), "the request body")
+    except JSONBytesError as err:
+        line = f" (line {err.line})" if err.line is not None else ""
+        raise APIError(400, f"the request body is {err.problem}{line}", code="invalid_json") from None
 
 
 def _failure(err: Exception) -> APIError:
