@@ -46,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import machine_description, summarize, wait_for_quiet  # noqa: E402
 
 from star_runtime.cli import EXIT_USAGE  # noqa: E402
+from star_runtime.serve.ready import NotReady, wait_until_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "star_runtime" / "data" / "default_bundle"
@@ -102,8 +103,6 @@ class Server:
     """A star-serve process, ready (its /health is 200) when the constructor returns."""
 
     def __init__(self, command: list[str]) -> None:
-        import httpx
-
         self.proc = subprocess.Popen(command, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
         for line in self.proc.stderr:
             if m := re.search(r"listening on (http://\S+)", line):
@@ -112,18 +111,11 @@ class Server:
         else:
             raise SystemExit(f"serve.py: star-serve did not start: {self.proc.wait()}")
         threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()  # drain its log
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            if self.proc.poll() is not None:
-                raise SystemExit(f"serve.py: star-serve exited with {self.proc.returncode} while loading")
-            time.sleep(0.2)
-        self.close()
-        raise SystemExit("serve.py: star-serve was not ready after 300 s")
+        try:
+            wait_until_ready(self.url, 300, self.proc)
+        except NotReady as err:
+            self.close()
+            raise SystemExit(f"serve.py: {err}") from None
 
     def close(self) -> None:
         self.proc.terminate()

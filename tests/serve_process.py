@@ -14,10 +14,10 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
-import httpx
 import pytest
+
+from star_runtime.serve.ready import NotReady, wait_until_ready
 
 SERVE = [sys.executable, "-m", "star_runtime.serve"]
 START_S = 120  # a loaded 2-core machine opens the bundle and self-checks it in a few seconds
@@ -53,16 +53,10 @@ class Server:
         return "".join(self.lines)
 
     def wait_ready(self) -> None:
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(self.url + "/health").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            assert self.proc.poll() is None, self.log
-            time.sleep(0.1)
-        pytest.fail(f"star-serve never became ready: {self.log}")
+        try:
+            wait_until_ready(self.url, START_S, self.proc)
+        except NotReady as err:
+            pytest.fail(f"{err}: {self.log}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         if self.proc.poll() is None:

@@ -13,6 +13,7 @@ The modules, each with one job:
     worker.py   the bounded queue and the thread that decodes, one request at a time
     app.py      the HTTP routes, keys, limits, streaming (Starlette)
     cli.py      the star-serve command (uvicorn): options, port, loading, graceful shutdown
+    ready.py    waiting for a started server's /health (standard library only: for clients)
 
 The server keeps no conversation state: each request carries its history, which is rebuilt with
 `Runtime.conversation(history=...)` (star_runtime.conversation, "History") and checked by the
