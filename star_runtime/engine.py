@@ -44,14 +44,11 @@ class DeviceError(BundleError):
 
 
 def session_options(threads: int | None = None, profile_prefix: str | None = None) -> ort.SessionOptions:
-    """Options for batch-1 decoding on a small CPU.
-
-    intra-op threads: one per core (2 on the dev machine); ops run one after the other (a step is
-    a chain of ops with no parallel branches worth a second pool). Idle pool threads sleep instead
-    of spinning: on the shared 2-core dev machine spinning made a fp32 step 1.5-2x slower (48
-    decoder matmuls: 13.9 ms spinning, 7.4 ms not), and a spinning thread steals the core the
-    app's own threads need.
-    """
+    """Options for batch-1 decoding on a small CPU: intra-op threads one per core (default), ops
+    one after the other (a step is a chain of ops with no parallel branches worth a second pool),
+    idle pool threads asleep instead of spinning."""
+    # Spinning made a float32 step 1.5-2x slower on the shared 2-core CPU (48 decoder matmuls:
+    # 13.9 ms spinning, 7.4 ms not), and a spinning thread steals the core the app's threads need.
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or os.cpu_count() or 1
     so.inter_op_num_threads = 1

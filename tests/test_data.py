@@ -19,7 +19,7 @@ from star_runtime.tokenizer import Tokenizer
 from star_training.data import (
     SPLITS,
     SUPPORTER,
-    Conversation,
+    Dialogue,
     DataError,
     build_examples,
     collate,
@@ -37,7 +37,7 @@ EXPECTED = {
 
 
 @pytest.fixture(scope="module")
-def splits(esconv_dir: Path) -> dict[str, list[Conversation]]:
+def splits(esconv_dir: Path) -> dict[str, list[Dialogue]]:
     return {split: load_conversations(esconv_dir, split) for split in SPLITS}
 
 
@@ -51,7 +51,7 @@ def valid_lines(esconv_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (esconv_dir / "valid.txt").read_text(encoding="utf-8").splitlines()]
 
 
-def test_counts(splits: dict[str, list[Conversation]]) -> None:
+def test_counts(splits: dict[str, list[Dialogue]]) -> None:
     for split, (conversations, utterances, seeker, supporter, strategies) in EXPECTED.items():
         stats = dataset_stats(splits[split])
         assert stats == {
@@ -66,7 +66,7 @@ def test_counts(splits: dict[str, list[Conversation]]) -> None:
     assert list(total["strategies"].values()) == [3801, 1089, 1436, 1713, 2827, 2954, 1215, 3341]
 
 
-def test_split_from_original_layout(esconv_dir: Path, splits: dict[str, list[Conversation]]) -> None:
+def test_split_from_original_layout(esconv_dir: Path, splits: dict[str, list[Dialogue]]) -> None:
     original = esconv_dir / "ESConv.reconstructed.json"
     if not original.is_file():
         pytest.skip(f"{original} not found")
@@ -83,13 +83,13 @@ def test_split_rule_is_the_global_seed_13_shuffle() -> None:
     assert split_conversations(list(range(1300)), "train") == order[390:]
 
 
-def test_no_conversation_in_two_splits(splits: dict[str, list[Conversation]]) -> None:
+def test_no_conversation_in_two_splits(splits: dict[str, list[Dialogue]]) -> None:
     keys = {split: {(c.situation, tuple(t.text for t in c.turns)) for c in splits[split]} for split in SPLITS}
     assert not keys["train"] & keys["valid"] and not keys["train"] & keys["test"]
     assert not keys["valid"] & keys["test"]
 
 
-def test_examples(splits: dict[str, list[Conversation]], tok: Tokenizer) -> None:
+def test_examples(splits: dict[str, list[Dialogue]], tok: Tokenizer) -> None:
     for split in SPLITS:
         examples = build_examples(splits[split], tok)
         responses = [(c, t) for c, conv in enumerate(splits[split]) for t, turn in enumerate(conv.turns)

@@ -52,7 +52,9 @@ class Turn:
 
 
 @dataclass(frozen=True)
-class Conversation:
+class Dialogue:
+    """One ESConv conversation as training reads it (star_runtime.conversation.Conversation is a live chat)."""
+
     situation: str
     turns: tuple[Turn, ...]
 
@@ -88,7 +90,7 @@ def _field(obj: dict, key: str, kind: type, where: str) -> object:
     return obj[key]
 
 
-def _conversation(obj: object, where: str, original: bool) -> Conversation:
+def _conversation(obj: object, where: str, original: bool) -> Dialogue:
     """One conversation from a split-file line (`original=False`) or an ESConv.json item."""
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
@@ -110,7 +112,7 @@ def _conversation(obj: object, where: str, original: bool) -> Conversation:
                 raise DataError(f"{at}: unknown strategy {name!r}, expected one of {list(STRATEGY_NAMES)}")
             strategy = STRATEGY_NAMES.index(name)
         turns.append(Turn(speaker, normalise_space(text), strategy))
-    return Conversation(normalise_space(_field(obj, "situation", str, where)), tuple(turns))
+    return Dialogue(normalise_space(_field(obj, "situation", str, where)), tuple(turns))
 
 
 def _read_text(file: Path) -> str:
@@ -133,11 +135,11 @@ def read_json_lines(file: Path) -> Iterator[tuple[int, object]]:
             raise DataError(f"{file}:{lineno}: malformed JSON (column {err.colno}): {err.msg}") from None
 
 
-def _read_split_file(file: Path) -> list[Conversation]:
+def _read_split_file(file: Path) -> list[Dialogue]:
     return [_conversation(obj, f"{file}:{lineno}", original=False) for lineno, obj in read_json_lines(file)]
 
 
-def _read_original(file: Path) -> list[Conversation]:
+def _read_original(file: Path) -> list[Dialogue]:
     """The items of ESConv.json in file order, each decoded on its own to know its first line."""
     text = _read_text(file)
     decoder = json.JSONDecoder()
@@ -168,7 +170,7 @@ def _read_original(file: Path) -> list[Conversation]:
     return conversations
 
 
-def split_conversations(conversations: list[Conversation], split: str) -> list[Conversation]:
+def split_conversations(conversations: list[Dialogue], split: str) -> list[Dialogue]:
     """The prior-work split of ESConv.json's list (in file order): seed 13 shuffle, 15/15/70.
 
     `random.Random(13).shuffle` gives the same permutation as the original
@@ -181,7 +183,7 @@ def split_conversations(conversations: list[Conversation], split: str) -> list[C
     return {"valid": order[:n], "test": order[n : 2 * n], "train": order[2 * n :]}[split]
 
 
-def load_conversations(path: str | os.PathLike[str], split: str) -> list[Conversation]:
+def load_conversations(path: str | os.PathLike[str], split: str) -> list[Dialogue]:
     """The conversations of one split ("train", "valid" or "test") from `path` (see module doc)."""
     if split not in SPLITS:
         raise DataError(f"{path}: unknown split {split!r}, expected one of {list(SPLITS)}")
@@ -205,7 +207,7 @@ def load_conversations(path: str | os.PathLike[str], split: str) -> list[Convers
 
 
 def build_examples(
-    conversations: list[Conversation],
+    conversations: list[Dialogue],
     tokenizer: Tokenizer,
     *,
     max_source: int = 160,
@@ -277,7 +279,7 @@ def collate(examples: list[Example], pad_id: int) -> dict[str, torch.Tensor]:
     return batch | {"strategy": torch.tensor(strategies, dtype=torch.long)}
 
 
-def dataset_stats(conversations: list[Conversation]) -> dict[str, object]:
+def dataset_stats(conversations: list[Dialogue]) -> dict[str, object]:
     """Counts: conversations, utterances, seeker/supporter turns, supporter turns per strategy."""
     turns = [turn for conversation in conversations for turn in conversation.turns]
     strategies = [turn.strategy for turn in turns if turn.speaker == SUPPORTER]

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from star_runtime.strategies import STRATEGIES, STRATEGY_DESCRIPTIONS, STRATEGY_NAMES
-from star_training.data import SUPPORTER, Conversation, Example
+from star_training.data import SUPPORTER, Dialogue, Example
 from star_training.dialogue_text import dialogue_text, speaker_label
 from star_training.llm_client import ChatAnswer, ChatRequest, TokenCount
 
@@ -43,7 +43,7 @@ class Shot:
     reply: str
 
 
-def train_shots(conversations: Sequence[Conversation]) -> list[Shot]:
+def train_shots(conversations: Sequence[Dialogue]) -> list[Shot]:
     """Every supporter turn after the first utterance, with the utterance before it."""
     shots = []
     for conversation in conversations:
