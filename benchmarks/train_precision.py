@@ -25,7 +25,7 @@ from star_training.cli_common import DEFAULT_DATA, DEFAULT_TOKENIZER
 from star_training.corpus import build_lm_examples, read_corpus
 from star_training.data import collate
 from star_training.model import trainable_parameters_for_stage
-from star_training.schedule import linear_schedule
+from star_training.schedules import linear_schedule
 from star_training.trainer import TrainConfig, autocast_for, build_model, epoch_steps
 
 

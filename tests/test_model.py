@@ -1,4 +1,4 @@
-"""STAR on BlenderBot-Small (training/model.py, config.py, losses.py, checkpoint.py), tiny random models."""
+"""STAR on BlenderBot-Small (training/model.py, config.py, schedules.py, checkpoint.py), tiny random models."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import BlenderbotSmallForConditionalGeneration
 
 from star_training.checkpoint import CheckpointError, load_model, save_model
 from star_training.config import PRESETS, StarConfig, base_config
-from star_training.losses import dynamic_lambda
+from star_training.schedules import dynamic_lambda
 from star_training.model import StarForConditionalGeneration, resize_vocab, trainable_parameters_for_stage
 
 V = 64  # specials 0..3 as in the real vocabulary, ordinary tokens 4..55, strategy tokens 56..63

@@ -20,7 +20,7 @@ from esconv_fixture import write_esconv
 from star_training import train_cli
 from star_training.progress import TrainingDisplay, read_jsonl
 from star_training.run_state import load_trainer_state
-from star_training.schedule import lr_factor
+from star_training.schedules import lr_factor
 from star_training.trainer import lambda_for_epoch
 
 

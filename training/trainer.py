@@ -47,7 +47,6 @@ from star_training.config import StarConfig
 from star_training.corpus import build_lm_examples, read_corpus, read_esconv
 from star_training.data import DataError, Example, build_examples, collate, load_conversations
 from star_training.distributed import DistContext, all_reduce_sum, barrier
-from star_training.losses import dynamic_lambda
 from star_training.model import IGNORE_INDEX, StarForConditionalGeneration, trainable_parameters_for_stage
 from star_training.progress import JsonlLog, TrainingDisplay, next_attempt, plot_curves
 from star_training.run_state import (
@@ -58,7 +57,7 @@ from star_training.run_state import (
     save_run_checkpoint,
     set_rng_state,
 )
-from star_training.schedule import linear_schedule
+from star_training.schedules import dynamic_lambda, linear_schedule
 from star_training.teacher_forced import teacher_forced_scores
 
 LAST, BEST, LOG, CURVES = RUN_LAST, RUN_BEST, "log.jsonl", "curves.png"
