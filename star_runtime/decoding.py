@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -178,17 +178,8 @@ def drive(loop: Generator[T, bool | None, R], on_item: Callable[[T], bool | None
         return done.value
 
 
-def generate(
-    engine: Engine,
-    context_ids: Sequence[int] | np.ndarray,
-    options: DecodingOptions,
-    *,
-    min_new_tokens: int = 0,
-    stop_at_eos: bool = True,
-    rng: np.random.Generator | None = None,
-    forced_strategy: int | None = None,
-    on_token: Callable[[int], bool | None] | None = None,
-) -> Generation:
-    """`steps` run to the end: on_token(token_id) after each response token (False stops)."""
-    return drive(steps(engine, context_ids, options, min_new_tokens=min_new_tokens, stop_at_eos=stop_at_eos,
-                       rng=rng, forced_strategy=forced_strategy), on_token)
+def generate(engine: Engine, context_ids: Sequence[int] | np.ndarray, options: DecodingOptions, *,
+             on_token: Callable[[int], bool | None] | None = None, **settings: Any) -> Generation:
+    """`steps` (its keyword settings: min_new_tokens, stop_at_eos, rng, forced_strategy) run to
+    the end, on_token(token_id) called after each response token (False stops)."""
+    return drive(steps(engine, context_ids, options, **settings), on_token)
