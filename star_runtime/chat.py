@@ -322,7 +322,7 @@ def format_timings(t: Timings) -> str:
 
 def banner(rt: Runtime) -> Panel:
     """Which model, on which device, and what it is not."""
-    cfg, precision = rt.manifest["model_config"], rt.spec.precision
+    cfg, precision = rt.manifest["model_config"], rt.manifest["precision"]
     star = "STAR on" if cfg.get("star", {}).get("use_star", True) else "STAR off (BlenderBot-Joint)"
     summary = printable(f"{cfg['model_type']}, {precision}, d_model {cfg['d_model']}, {cfg['encoder_layers']}+"
                         f"{cfg['decoder_layers']} layers, vocabulary {cfg['vocab_size']:,}, {star}")

@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 from rich.console import Console
 
-from star_runtime import Reply
+from star_runtime import Reply, Timings
 from star_runtime.chat import Session, banner, build_parser, run_pipe
 from star_runtime.terminal import printable
 
@@ -64,7 +64,7 @@ class _Conversation:
             if on_token is not None:
                 on_token(piece)
         label = "Question" + HOSTILE
-        return Reply("Hello" + HOSTILE + " there", label, {label: 0.9, "[Others]" + BIDI: 0.1}, {"reply_ms": 1.0})
+        return Reply("Hello" + HOSTILE + " there", label, {label: 0.9, "[Others]" + BIDI: 0.1}, Timings(reply_ms=1.0))
 
 
 def _runtime() -> SimpleNamespace:
