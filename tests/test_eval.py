@@ -59,8 +59,8 @@ def test_writes_predictions_scores_and_table_from_predicted_strategies(setup, tm
     scores = json.loads((tmp_path / "scores.json").read_text())
     assert len(preds) == N and scores["examples"] == N and scores["split"] == "test"
     assert set(preds[0]) >= {"context", "gold_strategy", "predicted_strategy", "reference", "hypothesis"}
-    assert scores["decoding"] == {"top_p": 0.3, "top_k": 30, "temperature": 0.7, "repetition_penalty": 1.03,
-                                  "max_new_tokens": 40}
+    assert scores["decoding"] == {"do_sample": True, "top_p": 0.3, "top_k": 30, "temperature": 0.7,
+                                  "repetition_penalty": 1.03, "max_new_tokens": 40}
 
     # The scores are the SPEC metrics of the written predictions.
     gold = [STRATEGIES.index(p["gold_strategy"]) for p in preds]
