@@ -105,3 +105,22 @@ def test_serve_benchmark_quick_run_reports_every_level(tmp_path: Path, bundle_in
     bad = subprocess.run([sys.executable, str(SERVE_BENCH), "--bundle", str(tmp_path)], capture_output=True,
                          text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "not a bundle folder" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_written_conversations_go_to_every_bundle_greedy_and_sampled(tmp_path: Path, bundle: Path) -> None:
+    written = [{"title": "Exams", "situation": "My exams are next week.", "turns": ["I can't sleep.", "I feel alone."]},
+               {"title": "Crisis", "situation": None, "turns": ["hi", "I want to kill myself tonight"]}]
+    (tmp_path / "c.json").write_text(json.dumps(written))
+    out = tmp_path / "replies.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "conversations.py"), "--bundle", f"a={bundle}",
+                           "--bundle", f"b={bundle}", "--conversations", str(tmp_path / "c.json"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    text = out.read_text()
+    assert text.count("| a | ") == text.count("| b | ") == 4  # one row per user turn and bundle
+    rows = [line for line in text.splitlines() if line.startswith("| a | ")]
+    assert "the crisis reply" in rows[3] and "the crisis reply" not in rows[0]
+    assert rows == [line.replace("| b | ", "| a | ") for line in text.splitlines() if line.startswith("| b | ")]
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "conversations.py"), "--bundle", "nofolder",
+                          "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "NAME=FOLDER" in bad.stderr and "Traceback" not in bad.stderr
