@@ -1,8 +1,10 @@
 """benchmarks/ctranslate2_convert.py: CTranslate2 computes what transformers' BlenderbotSmall does
-(logits, greedy ids)."""
+(logits, greedy ids), and the ctranslate2-* backends of benchmarks/latency.py keep its contract."""
 
 from __future__ import annotations
 
+import json
+import math
 import sys
 from pathlib import Path
 
@@ -15,7 +17,7 @@ torch = pytest.importorskip("torch")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from ctranslate2_convert import convert_model, vocabulary  # noqa: E402
+from ctranslate2_convert import convert_checkpoint, convert_model, vocabulary  # noqa: E402
 
 VOCAB, START, EOS = 300, 1, 2
 SOURCE = [5, 17, 33, 100, 250, 7, 8, 9, 120, 64, 31]
@@ -96,3 +98,30 @@ def test_greedy_ids_match_transformers_generate(lively, tmp_path_factory) -> Non
     del translator
     assert got == want and len(set(got)) >= 3, (got, want)
 
+
+def test_backend_replies_keep_the_contract(tmp_path_factory, tokenizer_dir: Path) -> None:
+    """A STAR checkpoint's conversion (the tokenizer's strings as the vocabulary), float32 and int8,
+    timed by backends.py: reply_len tokens and one timestamp each, the strategy's stand-in first."""
+    from backends import load_ctranslate2
+    from harness import WorkerSpec
+    from star_bundles import tiny_checkpoint
+
+    from star_runtime.tokenizer import Tokenizer
+
+    checkpoint = tiny_checkpoint(tmp_path_factory, tokenizer_dir)
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    special = {"pad": tokenizer.pad_id, "start": tokenizer.bos_id, "eos": tokenizer.eos_id}
+    ids = [[100, 200, 300, 400, 500], [600, 700, 800, 900, 1000]]
+    for quantization in ("float32", "int8"):
+        folder = convert_checkpoint(checkpoint, tmp_path_factory.mktemp("ct2ckpt") / quantization, quantization)
+        config = json.loads((folder / "config.json").read_text())
+        assert (config["decoder_start_token"], config["eos_token"]) == ("__start__", "__end__")
+        vocab = json.loads((folder / "shared_vocabulary.json").read_text())
+        assert vocab[:4] == [tokenizer.id_to_token(i) for i in range(4)] and len(vocab) == tokenizer.vocab_size
+        reply = load_ctranslate2(WorkerSpec(f"ctranslate2-{quantization}", str(folder), "cpu", 1, 0, 1, 6, ids,
+                                            special))
+        trace, responses = reply()
+        del reply
+        assert [len(r) for r in responses] == [6, 6] and tokenizer.eos_id not in sum(responses, [])
+        assert len(trace.tokens) == 6 and trace.start < trace.strategy < trace.tokens[0] <= trace.end
+        assert all(math.isfinite(v) and v >= 0 for v in trace.timings().values())
