@@ -149,6 +149,9 @@ def load_ctranslate2(spec: WorkerSpec) -> Reply:
     # The weights were quantized at conversion (artifacts.py), which loaded the base-size model in
     # 0.17 s and 211 MB peak RSS against 0.7 s and 481 MB for int8 from a float32 folder.
     compute_type = "int8" if spec.backend.endswith("-int8") else "float32"
+    # Only the reply closure holds the translator, so it is freed when measure() returns: one still
+    # alive at interpreter exit aborts the process (4.8.5: "terminate called without an active
+    # exception", exit 134), which the parent would take for a failed worker.
     translator = ctranslate2.Translator(str(path), device=spec.device, compute_type=compute_type,
                                         intra_threads=spec.threads, inter_threads=1)
     source = [[vocab[i] for i in row] for row in spec.input_ids]
