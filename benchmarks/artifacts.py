@@ -6,6 +6,8 @@
     optimum/              optimum's ONNX export of the base model (no STAR): encoder_model.onnx and
                           decoder_model_merged.onnx, the files ORTModelForSeq2SeqLM loads
     bundle-float32[-nostar]/, bundle-int8[-nostar]/    star-export's bundles
+    ctranslate2-float32/, ctranslate2-int8/    CTranslate2's conversion of the base model (no STAR;
+                          ctranslate2_convert.py), weights quantized at conversion
 
 Where the model comes from (`resolve_source`), first match wins:
     --checkpoint CKPT       a STAR checkpoint folder: every backend runs its weights;
@@ -202,6 +204,28 @@ class Artifacts:
                 (tmp / name).unlink(missing_ok=True)
 
         write_folder_atomically(path, fill)
+
+    def ctranslate2(self, quantization: str) -> Path:
+        """CTranslate2's conversion of the checkpoint's base model (STAR left out), its weights
+        stored as `quantization` (float32 or int8)."""
+        import importlib.util
+
+        if importlib.util.find_spec("ctranslate2") is None:
+            raise BenchmarkUsageError("the ctranslate2-* backends need CTranslate2: pip install ctranslate2 "
+                                      "(the `benchmark` extra)")
+        from importlib import metadata
+
+        from ctranslate2_convert import convert_checkpoint
+
+        from star_training.folders import write_folder_atomically
+
+        checkpoint = self.checkpoint()
+        converter = Path(__file__).with_name("ctranslate2_convert.py")
+        key = {"ctranslate2_of": str(checkpoint), "quantization": quantization,
+               "ctranslate2": metadata.version("ctranslate2"),
+               "converter": hashlib.sha256(converter.read_bytes()).hexdigest()}
+        return self._cached(f"ctranslate2-{quantization}", key, lambda path: write_folder_atomically(
+            path, lambda tmp: convert_checkpoint(checkpoint, tmp, quantization)))
 
     def bundle(self, precision: str, star: bool = True) -> Path:
         """star-export's bundle of the checkpoint (or the shipped bundle of that precision)."""

@@ -47,7 +47,7 @@ TIMINGS = ("strategy_ms", "first_token_ms", "per_token_ms", "reply_ms")
 # The project's penalty (DecodingOptions'), also when greedy: every backend uses it.
 REPETITION_PENALTY = DecodingOptions().repetition_penalty
 LIBRARIES = ("star-esc", "numpy", "onnxruntime", "onnxruntime-gpu", "onnx", "torch", "transformers", "optimum",
-             "optimum-onnx")
+             "optimum-onnx", "ctranslate2")
 WORKER = Path(__file__).with_name("backends.py")
 
 

@@ -1,4 +1,4 @@
-"""The project's runtime against eager PyTorch and optimum, side by side, on the same inputs.
+"""The project's runtime against eager PyTorch, optimum and CTranslate2, side by side, on the same inputs.
 
     python benchmarks/latency.py                                  # the full comparison, minutes
     python benchmarks/latency.py --quick --out-json q.json        # tiny model, seconds (CI)
@@ -10,7 +10,7 @@ sequence is banned, so every backend does the same work), in a process of its ow
 replies, then --repeats timed ones. Per backend: time to the strategy, to the first response
 token, per token and for the whole reply (median and p95), peak RSS of its process (loading
 included), size on disk, and each as a ratio to eager PyTorch. See backends.py for what each
-backend runs (optimum's has no STAR), harness.py for the timing points, floor.py for the
+backend runs (optimum's and CTranslate2's have no STAR), harness.py for the timing points, floor.py for the
 floor estimate shown under the table, and artifacts.py for where the model comes from (the
 default bundle if one is installed, else random weights of the real BlenderBot-Small-90M
 configuration) and how the work folder is cached.
@@ -32,6 +32,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,19 @@ class Backend:
     star: bool = True
     devices: tuple[str, ...] = ("cpu", "cuda")
     notes: str = ""
+    ctranslate2: str | None = None  # the weights' quantization, for CTranslate2 backends
+
+
+def _ctranslate2_version() -> str:
+    try:
+        return metadata.version("ctranslate2")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
+CTRANSLATE2_NOTES = ("CTranslate2's Translator on its conversion of the base model (ctranslate2_convert.py), without "
+                     "STAR or strategy head; like optimum it generates reply-len + 1 tokens, the first standing in "
+                     "for the strategy")
 
 
 BACKENDS = {
@@ -66,6 +80,10 @@ BACKENDS = {
                                    star=False),
     "runtime-int8-nostar": Backend("star_runtime, int8 bundle exported with STAR bypassed (h' = h)", "int8",
                                    star=False, devices=("cpu",)),
+    "ctranslate2-fp32": Backend(f"CTranslate2 {_ctranslate2_version()} float32, NO STAR", devices=("cpu",),
+                                notes=CTRANSLATE2_NOTES, ctranslate2="float32"),
+    "ctranslate2-int8": Backend(f"CTranslate2 {_ctranslate2_version()} int8, NO STAR", devices=("cpu",),
+                                notes=CTRANSLATE2_NOTES, ctranslate2="int8"),
 }
 DEFAULT_BACKENDS = {"cpu": "eager,optimum,runtime-fp32,runtime-int8", "cuda": "eager,optimum,runtime-fp32,runtime-fp16"}
 # --quick: the "tiny" preset, and one thread, because CI shares its cores: two spinning threads on
@@ -101,7 +119,8 @@ def share(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="latency.py", description="Latency, memory and size of STAR's runtime against "
-                                "eager PyTorch and optimum, on the same inputs (module docstring for details).")
+                                "eager PyTorch, optimum and CTranslate2, on the same inputs (module docstring for "
+                                "details).")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     p.add_argument("--threads", type=at_least(1), default=None,
                    help=f"intra-op threads of every backend (default: all {FULL['threads']} cores; --quick 1)")
@@ -119,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-png", type=Path, help="write the chart here")
     p.add_argument("--quick", action="store_true", help="the tiny preset and few repeats: seconds, for CI")
     p.add_argument("--work-dir", type=Path,
-                   help="keep the checkpoint, bundles and optimum export here and reuse them next time "
-                        "(default: a temporary folder, deleted at the end)")
+                   help="keep the checkpoint, bundles, optimum export and CTranslate2 models here and reuse them "
+                        "next time (default: a temporary folder, deleted at the end)")
     p.add_argument("--checkpoint", type=Path, help="benchmark this STAR checkpoint instead of the default model")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder for the random model (default: the shared data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and contexts")
@@ -171,7 +190,8 @@ CHECKPOINT_FILES = ("config.json", "star_config.json", "model.safetensors", "voc
 
 def disk_bytes(name: str, path: Path) -> int:
     """Size of what the backend loads: the checkpoint's weights, configs and tokenizer; the whole
-    bundle (tokenizer included) or optimum folder (which has no tokenizer: 1.3 MB less)."""
+    bundle (tokenizer included), optimum folder (which has no tokenizer: 1.3 MB less) or
+    CTranslate2 folder (model.bin, config.json and its vocabulary, one string per id)."""
     if name == "eager":
         return sum(folder_bytes(path / f) for f in CHECKPOINT_FILES if (path / f).is_file())
     return folder_bytes(path)
@@ -214,7 +234,7 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
     runtimes = [n for n in names if BACKENDS[n].precision]
     if args.batch > 1 and runtimes:
         raise BenchmarkUsageError(f"{', '.join(runtimes)}: star_runtime decodes one conversation per call (no batch "
-                             "API); use --batch 1, or --backends eager,optimum for batches")
+                             "API); use --batch 1, or --backends eager,optimum,ctranslate2-* for batches")
     defaults = QUICK if args.quick else FULL
     repeats = args.repeats or defaults["repeats"]
     args.threads = args.threads or defaults["threads"]
@@ -232,6 +252,7 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
             raise BenchmarkUsageError(f"the model has {positions} positions: --context-len "
                                  f"{args.context_len} / --reply-len {args.reply_len} do not fit")
         paths = {name: checkpoint if name == "eager" else artifacts.optimum() if name == "optimum"
+                 else artifacts.ctranslate2(BACKENDS[name].ctranslate2) if BACKENDS[name].ctranslate2
                  else artifacts.bundle(BACKENDS[name].precision, star=BACKENDS[name].star) for name in names}
         for name in runtimes:  # the runtime keeps the last max_source_length tokens, as in training
             limit = json.loads((paths[name] / "manifest.json").read_text())["generation"]["max_source_length"]

@@ -68,6 +68,7 @@ def test_quick_run_reports_every_field_for_every_backend(tmp_path: Path, tokeniz
     (["--backends", "eager,nope"], "unknown backend(s) nope"),
     (["--backends", "eager,eager"], "named twice"),
     (["--device", "cuda", "--backends", "runtime-int8"], "runtime-int8 cannot run on cuda"),
+    (["--device", "cuda", "--backends", "ctranslate2-fp32"], "ctranslate2-fp32 cannot run on cuda"),
     (["--checkpoint", "/nonexistent/ckpt"], "not a STAR checkpoint folder"),
     (["--context-len", "0"], "must be 1 or more"),
     (["--batch", "2"], "star_runtime decodes one conversation per call"),
