@@ -108,7 +108,7 @@ def embed_everyday(out: Path, n: int = EVERYDAY_UNITS, seed: int = EVERYDAY_SEED
     from star_runtime.safety.semantic import Encoder, units
     from star_training.corpus import read_chitchat
 
-    pieces = [u for dialogue in read_chitchat() for _, text in dialogue.turns for u in units(text)]
+    pieces = [u for dialogue in read_chitchat() for turn in dialogue.turns for u in units(turn.text)]
     sample = random.Random(seed).sample(pieces, min(n, len(pieces)))
     emb = Encoder(out).embed(sample)
     tmp = out / "everyday.tmp.npz"

@@ -14,7 +14,6 @@ from esconv_fixture import write_esconv
 from star_runtime.tokenizer import Tokenizer
 from star_training import train_cli
 from star_training.corpus import (
-    Dialogue,
     build_lm_examples,
     corpus_stats,
     read_chitchat,
@@ -22,7 +21,7 @@ from star_training.corpus import (
     read_esconv,
     read_turns_jsonl,
 )
-from star_training.data import DataError, build_examples, collate, load_conversations
+from star_training.data import DataError, Dialogue, Turn, build_examples, collate, load_conversations
 from star_training.model import IGNORE_INDEX
 from star_training.progress import read_jsonl
 from star_training.trainer import Trainer, epoch_steps
@@ -52,10 +51,18 @@ def transcripts(tmp_path) -> Path:
     return file
 
 
+def dialogue(*turns: tuple[str, str], situation: str = "") -> Dialogue:
+    return Dialogue(situation, tuple(Turn(speaker, text, None) for speaker, text in turns))
+
+
+def pairs(d: Dialogue) -> tuple[tuple[str, str], ...]:
+    return tuple((t.speaker, t.text) for t in d.turns)
+
+
 # -- readers ---------------------------------------------------------------------------------------
 def test_transcripts_join_a_speakers_consecutive_messages_and_drop_empty_ones(transcripts) -> None:
     first = read_turns_jsonl(transcripts)[0]
-    assert first.turns == (("ann", "hi there how was your day?"), ("bob", "long, I moved house"),
+    assert pairs(first) == (("ann", "hi there how was your day?"), ("bob", "long, I moved house"),
                            ("ann", "oh wow, where to?"), ("bob", "closer to my sister"), ("ann", "that sounds nice"))
     assert first.situation == ""
 
@@ -76,7 +83,7 @@ def test_chitchat_file_format_groups_messages_by_sender(tmp_path) -> None:
     file = tmp_path / "dataset.json"
     file.write_text(json.dumps({"c1": {"messages": [msg("x", "Hello", "How are you?"), msg("y", "fine"),
                                                     msg("y", "and you?"), msg("x", "good")]}}))
-    assert read_chitchat(file) == [Dialogue((("x", "Hello How are you?"), ("y", "fine and you?"), ("x", "good")))]
+    assert read_chitchat(file) == [dialogue(("x", "Hello How are you?"), ("y", "fine and you?"), ("x", "good"))]
     file.write_text(json.dumps({"c1": {"messages": [[{"body": "no text field"}]]}}))
     with pytest.raises(DataError, match="conversation 'c1'"):
         read_chitchat(file)
@@ -87,16 +94,16 @@ def test_the_chitchat_package_is_the_corpus_it_says() -> None:
     dialogues = read_corpus("chitchat", "unused")
     assert len(dialogues) == 7168
     turns = sum(len(d.turns) for d in dialogues)
-    words = sum(len(text.split()) for d in dialogues for _, text in d.turns)
+    words = sum(len(t.text.split()) for d in dialogues for t in d.turns)
     # the package's own count is 138,737 turns and 2.48M words; empty messages are dropped here
     assert 138_000 < turns <= 138_737 and 2_400_000 < words < 2_550_000
-    assert all(a[0] != b[0] for d in dialogues for a, b in zip(d.turns, d.turns[1:]))
+    assert all(a.speaker != b.speaker and a.strategy is None for d in dialogues for a, b in zip(d.turns, d.turns[1:]))
 
 
 def test_esconv_train_gives_every_utterance_of_train_and_nothing_of_valid_or_test(data_dir) -> None:
     dialogues = read_corpus("esconv-train", data_dir)
     train = load_conversations(data_dir, "train")
-    assert [d.turns for d in dialogues] == [tuple((t.speaker, t.text) for t in c.turns) for c in train]
+    assert [d.turns for d in dialogues] == [c.turns for c in train]
     assert [d.situation for d in dialogues] == [c.situation for c in train]
     seen = {d.situation for d in dialogues}
     for split in ("valid", "test"):
@@ -111,8 +118,8 @@ def test_an_unknown_corpus_is_one_clear_error(tmp_path) -> None:
 
 # -- examples ----------------------------------------------------------------------------------------
 def test_language_model_examples_follow_the_formulas(tok) -> None:
-    dialogue = Dialogue((("a", "i moved house"), ("b", "where to ?"), ("a", "closer to my sister")), situation="moving")
-    examples = build_lm_examples([dialogue], tok, max_source=6, max_target=3)
+    moving = dialogue(("a", "i moved house"), ("b", "where to ?"), ("a", "closer to my sister"), situation="moving")
+    examples = build_lm_examples([moving], tok, max_source=6, max_target=3)
     assert [(e.turn, e.response) for e in examples] == [(1, "where to ?"), (2, "closer to my sister")]
     bos, eos = tok.bos_id, tok.eos_id
     for e in examples:

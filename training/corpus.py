@@ -1,4 +1,4 @@
-"""Dialogue corpora for stage 0 (dialogue pretraining): conversations as (speaker, text) turns.
+"""Dialogue corpora for stage 0 (dialogue pretraining), read as data.Dialogue (turns without strategies).
 
 Sources, each named by one `star-train --stage 0 --corpus SOURCE` (repeatable):
   chitchat       the `chitchat-dataset` package (MIT license; BYU PCC lab's Chit-Chat Challenge):
@@ -25,27 +25,20 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from star_runtime.tokenizer import Tokenizer
-from star_training.data import DataError, Example, load_conversations, normalise_space, read_json_lines
+from star_training.data import DataError, Dialogue, Example, Turn, load_conversations, normalise_space, read_json_lines
 from star_training.model import IGNORE_INDEX
 
 CHITCHAT, ESCONV_TRAIN = "chitchat", "esconv-train"
 NAMED = (CHITCHAT, ESCONV_TRAIN)
 
 
-@dataclass(frozen=True)
-class Dialogue:
-    """A conversation of any corpus: an optional first context item, then the turns in order."""
-
-    turns: tuple[tuple[str, str], ...]  # (speaker, text), whitespace-normalised, none empty
-    situation: str = ""
-
-
-def _merge(turns: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
-    """Join a speaker's consecutive turns into one (chat apps split a turn into messages)."""
+def _dialogue(turns: list[tuple[str, str]]) -> Dialogue:
+    """A dialogue without situation or strategies from (speaker, text) messages: a speaker's
+    consecutive messages join into one turn (chat apps split a turn into messages), whitespace
+    normalised, empty ones dropped."""
     merged: list[tuple[str, str]] = []
     for speaker, text in turns:
         text = normalise_space(text)
@@ -55,7 +48,7 @@ def _merge(turns: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
             merged[-1] = (speaker, f"{merged[-1][1]} {text}")
         else:
             merged.append((speaker, text))
-    return tuple(merged)
+    return Dialogue("", tuple(Turn(speaker, text, None) for speaker, text in merged))
 
 
 def _chitchat_file() -> Path:
@@ -81,16 +74,14 @@ def read_chitchat(file: Path | None = None) -> list[Dialogue]:
             turns = [(str(u["sender"]), str(u["text"])) for message in conversation["messages"] for u in message]
         except (KeyError, TypeError):
             raise DataError(f"{file}: conversation {key!r}: expected messages of {{'sender', 'text'}}") from None
-        dialogues.append(Dialogue(_merge(turns)))
+        dialogues.append(_dialogue(turns))
     return dialogues
 
 
 def read_esconv(data: str | os.PathLike[str], split: str = "train", use_situation: bool = True) -> list[Dialogue]:
     """One ESConv split as plain dialogues: every utterance, the situation first (if used)."""
-    return [
-        Dialogue(tuple((t.speaker, t.text) for t in c.turns if t.text), situation=c.situation if use_situation else "")
-        for c in load_conversations(data, split)
-    ]
+    return [Dialogue(c.situation if use_situation else "", tuple(t for t in c.turns if t.text))
+            for c in load_conversations(data, split)]
 
 
 def read_turns_jsonl(file: Path) -> list[Dialogue]:
@@ -102,7 +93,7 @@ def read_turns_jsonl(file: Path) -> list[Dialogue]:
             isinstance(t, list) and len(t) == 2 and all(isinstance(x, str) for x in t) for t in turns
         ):
             raise DataError(f"{file}:{lineno}: expected {{\"turns\": [[speaker, text], ...]}}")
-        dialogues.append(Dialogue(_merge([(s, t) for s, t in turns])))
+        dialogues.append(_dialogue([(s, t) for s, t in turns]))
     return dialogues
 
 
@@ -127,7 +118,7 @@ def build_lm_examples(
     examples = []
     for c, dialogue in enumerate(dialogues):
         context = [tokenizer.encode(dialogue.situation)] if dialogue.situation else []
-        texts = [text for _, text in dialogue.turns]
+        texts = [turn.text for turn in dialogue.turns]
         for t, text in enumerate(texts):
             ids = tokenizer.encode(text)
             if t > 0 and ids:

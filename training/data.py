@@ -46,14 +46,15 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Turn:
-    speaker: str  # SEEKER or SUPPORTER
+    speaker: str  # SEEKER or SUPPORTER in ESConv; any name in stage 0's corpora
     text: str
     strategy: int | None  # class id 0..7 (index in STRATEGIES) for a supporter turn, else None
 
 
 @dataclass(frozen=True)
 class Dialogue:
-    """One ESConv conversation as training reads it (star_runtime.conversation.Conversation is a live chat)."""
+    """One conversation as training reads it: ESConv's, or a stage-0 corpus's (no situation, no
+    strategies). star_runtime.conversation.Conversation is a live chat."""
 
     situation: str
     turns: tuple[Turn, ...]
