@@ -1,7 +1,9 @@
 """Written conversations sent to several bundles, side by side: the replies a person would read.
 
     python benchmarks/conversations.py --bundle old=star_runtime/data/default_bundle \
-        --bundle new=bundles/star-pt-int8 --bundle control=bundles/joint-pt-control --out docs/conversations-replies.md
+        --bundle new=bundles/star-pt-int8 --bundle control=bundles/joint-pt-control-int8 --out replies.md
+
+(docs/conversations.md is a written reading followed by that file.)
 
 benchmarks/conversations.json holds the conversations: written for this comparison (not taken
 from ESConv) and fixed before any of the compared models replied to them. Each bundle holds each

@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the checkpoint, bundles, optimum export and CTranslate2 models here and reuse them "
                         "next time (default: a temporary folder, deleted at the end)")
     p.add_argument("--checkpoint", type=Path, help="benchmark this STAR checkpoint instead of the default model")
+    p.add_argument("--random-base", action="store_true",
+                   help="random weights of the real BlenderBot-Small-90M configuration, even where a default bundle "
+                        "is installed (which is otherwise the model, at its own size)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder for the random model (default: the shared data)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and contexts")
     p.add_argument("--timeout", type=at_least(1), default=1800, help="seconds allowed per backend")
@@ -235,13 +238,15 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
     if args.batch > 1 and runtimes:
         raise BenchmarkUsageError(f"{', '.join(runtimes)}: star_runtime decodes one conversation per call (no batch "
                              "API); use --batch 1, or --backends eager,optimum,ctranslate2-* for batches")
+    if args.checkpoint is not None and args.random_base:
+        raise BenchmarkUsageError("--checkpoint and --random-base choose the model twice: give one")
     defaults = QUICK if args.quick else FULL
     repeats = args.repeats or defaults["repeats"]
     args.threads = args.threads or defaults["threads"]
     warmup = defaults["warmup"] if args.warmup is None else args.warmup
     load_before = list(os.getloadavg())
     source = resolve_source(args.checkpoint, args.tokenizer, "tiny" if args.quick else "base",
-                            default_bundle_first=not args.quick)
+                            default_bundle_first=not (args.quick or args.random_base))
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="star-bench-"))
     try:
         artifacts = Artifacts(work_dir, source, args.seed, log, validate=not args.quick)

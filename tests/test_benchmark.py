@@ -70,6 +70,7 @@ def test_quick_run_reports_every_field_for_every_backend(tmp_path: Path, tokeniz
     (["--device", "cuda", "--backends", "runtime-int8"], "runtime-int8 cannot run on cuda"),
     (["--device", "cuda", "--backends", "ctranslate2-fp32"], "ctranslate2-fp32 cannot run on cuda"),
     (["--checkpoint", "/nonexistent/ckpt"], "not a STAR checkpoint folder"),
+    (["--checkpoint", "/nonexistent/ckpt", "--random-base"], "choose the model twice"),
     (["--context-len", "0"], "must be 1 or more"),
     (["--batch", "2"], "star_runtime decodes one conversation per call"),
 ])
@@ -125,3 +126,25 @@ def test_written_conversations_go_to_every_bundle_greedy_and_sampled(tmp_path: P
     bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "conversations.py"), "--bundle", "nofolder",
                           "--out", str(out)], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert bad.returncode == 2 and "NAME=FOLDER" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_lm_head_measures_the_trained_vocabulary_and_what_restricting_to_it_changes(
+        tmp_path: Path, bundle_int8: Path, esconv_dir: Path) -> None:
+    corpus = tmp_path / "chats.jsonl"
+    corpus.write_text(json.dumps({"turns": [["a", "hello there"], ["b", "zebra crossings everywhere"]]}) + "\n")
+    out = tmp_path / "lm.json"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "lm_head.py"), "--bundle", str(bundle_int8),
+                           "--data", str(esconv_dir), "--corpus", str(corpus), "--limit", "3", "--repeats", "5",
+                           "--threads", "1", "--out-json", str(out)], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    counts = result["distinct_target_ids"]
+    assert 0 < counts[f"{corpus} (stage 0)"] <= 12 < counts["esconv-train (stage 1 responses)"] <= result["kept"] < result["vocab"]
+    assert is_number(result["head_ms_full"]) and is_number(result["head_ms_kept"])
+    greedy = result["greedy"]
+    assert greedy["contexts"] == 3 and greedy["tokens"] > 0
+    # greedy: masking ids the full head never chose cannot change a reply
+    if greedy["tokens_outside_kept"] == 0:
+        assert greedy["same_reply"] == 3
+    else:
+        assert greedy["same_reply"] < 3
