@@ -12,8 +12,8 @@ token, per token and for the whole reply (median and p95), peak RSS of its proce
 included), size on disk, and each as a ratio to eager PyTorch. See backends.py for what each
 backend runs (optimum's and CTranslate2's have no STAR), harness.py for the timing points, floor.py for the
 floor estimate shown under the table, and artifacts.py for where the model comes from (the
-default bundle if one is installed, else random weights of the real BlenderBot-Small-90M
-configuration) and how the work folder is cached.
+default bundle if one is installed, else, or with --random-base, random weights of the real
+BlenderBot-Small-90M configuration) and how the work folder is cached.
 
 Outputs: a table on the terminal, --out-json (everything, with the machine description, the load
 average before and after, and the share of the CPU other processes used while each backend ran),
