@@ -193,7 +193,6 @@ class Conversation:
         self.situation = situation
         self.rng = np.random.default_rng(seed)
         self.spec = runtime.spec
-        self.max_source = self.spec.max_source_length
         self._items: list[list[int]] = []
         self._messages: list[dict[str, Any]] = []  # what history() returns
         self._crisis: str | None = None  # the category of the latest escalation, if any
@@ -233,13 +232,13 @@ class Conversation:
         eos = self.spec.eos_id
         items = self._items if message is None else [*self._items, self.runtime.tokenizer.encode(message)]
         joined = [i for item in items for i in (*item, eos)][:-1]
-        return joined[-self.max_source:]
+        return joined[-self.spec.max_source_length:]
 
     def _remember(self, item: list[int]) -> None:
         self._items.append(item)
         # Drop items wholly outside the window (each costs its length + 1 separator).
         total = sum(len(i) + 1 for i in self._items) - 1
-        while len(self._items) > 1 and total - (len(self._items[0]) + 1) >= self.max_source:
+        while len(self._items) > 1 and total - (len(self._items[0]) + 1) >= self.spec.max_source_length:
             total -= len(self._items.pop(0)) + 1
 
     def _crisis_reply(self, escalation: Escalation, start: float, model: tuple | None = None) -> Reply:
