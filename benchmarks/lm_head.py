@@ -33,6 +33,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper
 
 from star_runtime import Runtime
+from star_runtime.bundle import read_shared_tensors
 from star_runtime.decoding import generate
 from star_runtime.engine import DecodeRun
 from star_runtime.sampling import DecodingOptions
@@ -60,8 +61,8 @@ def kept_ids(runtime: Runtime, data: Path, corpora: list[str]) -> tuple[np.ndarr
 
 def head_graph(runtime: Runtime, rows: np.ndarray) -> tuple[bytes, dict[str, np.ndarray]]:
     """A one-operator graph: the bundle's LM head over the embedding rows `rows`; and its input."""
-    engine, d = runtime.engine, runtime.engine.spec.d_model
-    shared = engine._keep[0]  # the arrays the sessions were given (engine.py)
+    d = runtime.spec.d_model
+    shared = read_shared_tensors(runtime.path, runtime.manifest)  # the embedding the graphs read
     if "embed.weight" in shared:  # int8: uint8 [V, d/B, B], scales [V, d/B]
         q, scale = shared["embed.weight"][rows], shared["embed.weight.scale"][rows].astype(np.float32)
         n, blocks, size = q.shape
@@ -100,13 +101,13 @@ def replies(runtime: Runtime, contexts: list[tuple[int, ...]], options: Decoding
     """Each context's reply (seed = its index) and the median step ms of each; `mask`: the ids
     outside K, whose logits are set to OUTSIDE after every step."""
     original = DecodeRun.step
+    if mask is not None:
+        def masked(self: DecodeRun, token_id: int) -> np.ndarray:
+            logits = original(self, token_id)
+            logits[mask] = OUTSIDE
+            return logits
 
-    def masked(self: DecodeRun, token_id: int) -> np.ndarray:
-        logits = original(self, token_id)
-        logits[mask] = OUTSIDE
-        return logits
-
-    DecodeRun.step = masked if mask is not None else original
+        DecodeRun.step = masked
     try:
         out, step_ms = [], []
         for i, ids in enumerate(contexts):
