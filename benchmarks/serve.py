@@ -23,8 +23,8 @@ Per level:
 The goal to measure: batch-1 reply time through the server within 10% of the runtime's
 (`server_vs_direct` in the JSON: the 1-client median over the direct median).
 
-Decoding is one request at a time (star_runtime.serve.worker). A batching server will add its mode
-to MODES and its flag to `server_command`; every row already names its mode.
+Batching "off" runs star-serve with --batch 1 (one reply at a time), "on" with --batch equal to
+the level's clients (continuous batching, star_runtime.batching); every row names its mode.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from star_runtime.serve.ready import NotReady, wait_until_ready  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "star_runtime" / "data" / "default_bundle"
-MODES = ("off",)  # batching: "off" = one request at a time; a batching worker adds "on"
+MODES = ("off", "on")  # batching: "off" = one reply at a time, "on" = every client's reply in one step
 SITUATION = "I lost my job last month and I have been struggling since."
 TURNS = [
     "I can't sleep at night, I keep thinking about money.",
@@ -93,10 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def server_command(bundle: Path, args: argparse.Namespace, mode: str) -> list[str]:
-    """The star-serve command line for `bundle` in batching `mode` (only "off" so far)."""
+    """The star-serve command line for `bundle` in batching `mode` ("off" or "on")."""
     assert mode in MODES
+    batch = max(args.clients) if mode == "on" else 1
     return [sys.executable, "-m", "star_runtime.serve", "--model", str(bundle), "--port", "0",
-            "--threads", str(args.threads), "--max-queue", str(4 * max(args.clients)), "--timeout", "600"]
+            "--threads", str(args.threads), "--max-queue", str(4 * max(args.clients)), "--timeout", "600",
+            "--batch", str(batch)]
 
 
 class Server:

@@ -6,11 +6,19 @@ encoder.onnx, once per turn (S = context length <= 160):
     x    = encoder layers (post-LN: x = LN(x + Attn(x)); x = LN(x + FFN(x)))   [B, S, d]
     K, V = x @ W_kv + b_kv, for every decoder layer's cross-attention          [B, N, S, H] each
 
-decoder_step.onnx, once per decoder position t (B sequences, one token each):
+decoder_step.onnx, once per decoder position (B sequences, one token each, row b at its own
+position t_b; sequences of a batch join and leave between steps):
 
-    x    = LN_emb(E[id_t]) + P_dec[t]                  (no sqrt(d): see step_graph)  [B, 1, d]
-    x    = decoder layers: self-attention over the KV cache (past + this position), cross-attention
-           over the encoder's K, V, FFN; each post-LN                           [B, 1, d]
+    x    = LN_emb(E[id_b]) + P_dec[t_b]                (no sqrt(d): see step_graph)  [B, 1, d]
+    x    = decoder layers: self-attention over row b's KV cache positions 0..t_b, cross-attention
+           over the first n_b (source_length) of the encoder's K, V, FFN; each post-LN   [B, 1, d]
+
+The self-attention cache is one buffer per layer and kind, [B, N, C, H] (C = capacity, the
+position table's 512 at most), that the step writes in place: GroupQueryAttention (kv heads =
+heads) appends this position's k, v at index t_b of row b when its past and present are the same
+buffer, so a step copies nothing of the cache (MultiHeadAttention's past -> present copied all of
+it at every token). Positions past t_b are never read: a row that is stepped again at the same
+position overwrites its own slot.
     hidden = h = x                                                              [B, d]   (output)
     h'   = STAR.step(h, (m, l, a))                                              [B, d]   (h' = h without STAR)
     logits = h' @ E^T + b                                                       [B, V]   (read at t >= 1)
@@ -26,10 +34,10 @@ STAR's streaming pool (kernels/reference.py, StarModule.step) with m, l kept [B,
     g  = sigmoid(relu(z W_g1 + b_g1) W_g2 + b_g2);   hhat = relu(z W_p1 + b_p1) W_p2 + b_p2
     h' = h + g (hhat - h)                                  (= g hhat + (1 - g) h)
 
-Tensor names are star_runtime.spec's (optimum's scheme), the ones the runtime binds. Ops are onnxruntime's fused ones: a decoder layer
-is 14 nodes (6 MatMul, 2 MultiHeadAttention, 3 SkipLayerNormalization, BiasGelu, a Split of
-q|k|v and the Add of the cross-attention query's bias): 152 nodes for the 90M step graph with
-STAR, where optimum's decoder_with_past_model has 1,387. onnxruntime's transformer optimizer
+Tensor names are star_runtime.spec's (optimum's scheme), the ones the runtime binds. Ops are
+onnxruntime's fused ones: a decoder layer is 15 nodes (6 MatMul, GroupQueryAttention,
+MultiHeadAttention, 3 SkipLayerNormalization, BiasGelu, a Split of q|k|v and the Adds of the
+q|k|v and cross-attention query biases) where optimum's decoder_with_past_model has about 170. onnxruntime's transformer optimizer
 (model_type "bart") finds nothing left to fuse in either graph. With int8
 weights each MatMul is a DynamicQuantizeMatMul in the encoder and a MatMulNBits in the
 step graph (weights.py says why).
@@ -41,7 +49,7 @@ import numpy as np
 
 from star_export.graph_builder import MS_DOMAIN, GraphBuilder
 from star_export.weights import EMBED, EMBED_SCALE, EMBED_T, LM_BIAS, Dims
-from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, kv_names, star_names
+from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, STEP_INPUTS, kv_names, star_names
 
 
 class _Ops:
@@ -121,16 +129,21 @@ class _Ops:
                       domain=MS_DOMAIN)
         return self.skip_norm(self.matmul(h, prefix + ".fc2"), x, norm, prefix + ".fc2.bias")
 
-    def self_attention(self, x: str, prefix: str, heads: int, past: tuple[str, str] | None = None,
-                       present: tuple[str, str] | None = None) -> str:
-        """Attention output [B, S, d] before out_proj; with `past`, the KV cache grows by S positions."""
+    def self_attention(self, x: str, prefix: str, heads: int) -> str:
+        """The encoder's attention output [B, S, d] before out_proj (no mask: rows of one length)."""
         b = self.b
         q, k, v = b.op("Split", [self.matmul(x, prefix)], 3, axis=2)
-        if past is None:
-            return b.op("MultiHeadAttention", [q, k, v, b.weight(prefix + ".bias")], domain=MS_DOMAIN,
-                        num_heads=heads)
-        return b.op("MultiHeadAttention", [q, k, v, b.weight(prefix + ".bias"), "", "", *past],
-                    [b.fresh("attn"), *present], domain=MS_DOMAIN, num_heads=heads)[0]
+        return b.op("MultiHeadAttention", [q, k, v, b.weight(prefix + ".bias")], domain=MS_DOMAIN, num_heads=heads)
+
+    def cached_attention(self, x: str, prefix: str, heads: int, cache: tuple[str, str], present: tuple[str, str],
+                         past_length: str, total_length: str) -> str:
+        """The decoder's self-attention output [B, 1, d]: row b attends to its cache positions
+        0..past_length[b] - 1 and to itself, whose k, v the op writes at index past_length[b] of
+        `cache` (in place when the runtime binds `present` to the same buffers)."""
+        b = self.b
+        q, k, v = b.op("Split", [self.dense(x, prefix)], 3, axis=2)
+        return b.op("GroupQueryAttention", [q, k, v, *cache, past_length, total_length],
+                    [b.fresh("attn"), *present], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=heads)[0]
 
 
 def encoder_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
@@ -168,10 +181,11 @@ def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
     o = _Ops(b, dims, precision)
     d, n = dims.d_model, dims.decoder_heads
     hd = d // n
-    ids = b.input("input_ids", np.int64, ["batch", 1])
-    position = b.input("position", np.int64, [1])
+    ids = b.input(STEP_INPUTS[0], np.int64, ["batch", 1])
+    position = b.input(STEP_INPUTS[1], np.int32, ["batch"])  # t_b: also row b's past length
+    source_length = b.input(STEP_INPUTS[2], np.int32, ["batch"])  # n_b: row b's encoder positions
     for i in range(dims.decoder_layers):
-        for kind, length in (("decoder", "past"), ("encoder", "source")):
+        for kind, length in (("decoder", "capacity"), ("encoder", "source")):
             for name in kv_names(i, kind)[:2]:
                 b.input(name, o.float, ["batch", n, length, hd])
     state = [b.input(star_names(s)[0], o.float, ["batch", d if s == "sum" else 1]) for s in STAR_STATE]
@@ -181,7 +195,9 @@ def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
     # makes the scale visible (1e-4 on the logits), so the graph follows the code exactly.
     with b.named("embed"):
         x = o.layer_norm(o.embed(ids), "dec.ln_emb")
-        x = b.op("Add", [x, b.op("Gather", [b.weight("dec.pos"), position])])  # [B, 1, d] + [1, d]
+        pos = b.op("Unsqueeze", [b.op("Gather", [b.weight("dec.pos"), position]), b.const([1])])  # [B, 1, d]
+        x = b.op("Add", [x, pos])
+        total = b.op("Add", [b.op("ReduceMax", [position], keepdims=1), b.const([1], np.int32)])  # [1]: max t_b + 1
     presents = []
     for i in range(dims.decoder_layers):
         p = f"dec.{i}"
@@ -189,12 +205,14 @@ def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
         ek, ev, _, _ = kv_names(i, "encoder")
         presents += [ck, cv]
         with b.named(p + ".self_attn"):
-            a = o.self_attention(x, p + ".self_qkv", n, past=(pk, pv), present=(ck, cv))
+            a = o.cached_attention(x, p + ".self_qkv", n, (pk, pv), (ck, cv), position, total)
             x = o.skip_norm(o.matmul(a, p + ".self_out"), x, p + ".ln1", p + ".self_out.bias")
         with b.named(p + ".cross_attn"):
             # The bias goes on q before the op: MultiHeadAttention with pre-projected [B, N, S, H] keys
-            # and values takes no bias in older onnxruntime releases (and their CUDA kernels).
-            a = b.op("MultiHeadAttention", [o.dense(x, p + ".cross_q"), ek, ev], domain=MS_DOMAIN, num_heads=n)
+            # and values takes no bias in older onnxruntime releases (and their CUDA kernels). The
+            # 1-D mask is each row's key count: the keys after it (a batch's padding) get no weight.
+            a = b.op("MultiHeadAttention", [o.dense(x, p + ".cross_q"), ek, ev, "", source_length], domain=MS_DOMAIN,
+                     num_heads=n)
             x = o.skip_norm(o.matmul(a, p + ".cross_out"), x, p + ".ln2", p + ".cross_out.bias")
         with b.named(p + ".ffn"):
             x = o.ffn(x, p, p + ".ln3")
@@ -209,7 +227,7 @@ def step_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
     b.output(logits, logits_name, np.float32, ["batch", dims.vocab_size])
     b.output(h, hidden_name, np.float32, ["batch", d])
     for name in presents:
-        b.output(name, name, o.float, ["batch", n, "past_plus_one", hd])
+        b.output(name, name, o.float, ["batch", n, "capacity", hd])
     for s, value in zip(STAR_STATE, new_state):
         b.output(value, star_names(s)[1], o.float, ["batch", d if s == "sum" else 1])
 

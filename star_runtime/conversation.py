@@ -288,7 +288,7 @@ class Conversation:
 
     def _predict(self, context: list[int]) -> tuple[str, dict[str, float], Timings]:
         """The strategy for `context` (encoder and decoder position 0 only), its distribution, timings."""
-        gen = generate(self.runtime.engine, context, self.params.but(max_new_tokens=0))
+        gen = generate(self.runtime.decoder, context, self.params.but(max_new_tokens=0))
         labels = self.spec.strategy_labels
         return labels[gen.strategy_id], dict(zip(labels, map(float, gen.strategy_probs))), gen.timings
 
@@ -319,7 +319,7 @@ class Conversation:
         pieces = rt.tokenizer.create_stream()
         released: list[str] = []
         screen = ScreenedStream(rt.safety, released.append, crisis_category=self._crisis, render=readable)
-        loop = steps(rt.engine, self.context_ids(), self.params, rng=self.rng)
+        loop = steps(rt.decoder, self.context_ids(), self.params, rng=self.rng)
         try:
             token = next(loop)
             while True:

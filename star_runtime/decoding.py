@@ -19,11 +19,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from star_runtime.engine import Engine
 from star_runtime.sampling import DecodingOptions, next_token, softmax
 from star_runtime.spec import BundleSpec
 
@@ -93,8 +92,28 @@ def stops(answer: object) -> bool:
     return answer is False
 
 
+class Run(Protocol):
+    """One sequence being decoded (star_runtime.engine.DecodeRun, or a row of a batch)."""
+
+    position: int
+    logits: np.ndarray  # [V] after `step`
+    hidden: np.ndarray  # [d] after `step`
+
+    def step(self, token_id: int) -> np.ndarray: ...
+    def close(self) -> None: ...
+
+
+class Decoder(Protocol):
+    """What decodes: an Engine (one sequence per step) or a batching.StepBatcher (many)."""
+
+    spec: BundleSpec
+    strategy_logits: Callable[[np.ndarray], np.ndarray]
+
+    def start(self, context_ids: np.ndarray, capacity: int | None = None) -> Run: ...
+
+
 def steps(
-    engine: Engine,
+    engine: Decoder,
     context_ids: Sequence[int] | np.ndarray,
     options: DecodingOptions,
     *,
@@ -120,29 +139,38 @@ def steps(
     if not 0 <= min_new_tokens <= max_new_tokens <= limit:
         raise ValueError(f"need 0 <= min_new_tokens <= max_new_tokens <= {limit} (the model's position table holds "
                          f"{limit + 1} positions), got {min_new_tokens} and {max_new_tokens}")
-    strategy_ids = spec.strategy_token_ids
+    n_strategies = len(spec.strategy_token_ids)
+    if forced_strategy is not None and not (
+            isinstance(forced_strategy, (int, np.integer)) and not isinstance(forced_strategy, (bool, np.bool_))
+            and 0 <= forced_strategy < n_strategies):
+        raise ValueError(f"forced_strategy must be a class id in 0..{n_strategies - 1}, not {forced_strategy!r}")
     context = np.asarray(context_ids, dtype=np.int64).reshape(1, -1)
     if context.shape[1] == 0:
         raise ValueError("the context is empty: at least one token is needed")
     if context.min() < 0 or context.max() >= spec.vocab_size:
         raise ValueError(f"context token ids must be in 0..{spec.vocab_size - 1}")
-    clock, timings = time.perf_counter, Timings()
-    start = clock()
+    timings, start = Timings(), time.perf_counter()
     ms = lambda t: (t - start) * 1e3  # noqa: E731
 
-    run = engine.start(context)
+    run = engine.start(context, capacity=max_new_tokens + 1)  # positions 0 .. max_new_tokens
+    try:
+        return (yield from _decode(run, engine, options, forced_strategy, min_new_tokens, stop_at_eos, rng,
+                                   timings, ms))
+    finally:
+        run.close()  # a batched run gives its row back, also when the caller stops iterating
+
+
+def _decode(run: Run, engine: Decoder, options: DecodingOptions, forced_strategy: int | None, min_new_tokens: int,
+            stop_at_eos: bool, rng: np.random.Generator | None, timings: Timings,
+            ms: Callable[[float], float]) -> Generator[int, bool | None, Generation]:
+    spec, clock = engine.spec, time.perf_counter
+    strategy_ids, max_new_tokens = spec.strategy_token_ids, options.max_new_tokens
     timings.encoder_ms = ms(clock())
     run.step(spec.bos_id)
     strategy_logits = engine.strategy_logits(run.hidden)
     _check_finite(strategy_logits, "strategy logits")
     probs = softmax(strategy_logits)
-    if forced_strategy is None:
-        strategy = int(strategy_logits.argmax())
-    elif (isinstance(forced_strategy, (int, np.integer)) and not isinstance(forced_strategy, (bool, np.bool_))
-          and 0 <= forced_strategy < len(strategy_ids)):
-        strategy = int(forced_strategy)
-    else:
-        raise ValueError(f"forced_strategy must be a class id in 0..{len(strategy_ids) - 1}, not {forced_strategy!r}")
+    strategy = int(strategy_logits.argmax()) if forced_strategy is None else int(forced_strategy)
     timings.strategy_ms = ms(clock())
 
     banned, banned_eos = banned_ids(spec, with_eos=False), banned_ids(spec, with_eos=True)
@@ -178,7 +206,7 @@ def drive(loop: Generator[T, bool | None, R], on_item: Callable[[T], bool | None
         return done.value
 
 
-def generate(engine: Engine, context_ids: Sequence[int] | np.ndarray, options: DecodingOptions, *,
+def generate(engine: Decoder, context_ids: Sequence[int] | np.ndarray, options: DecodingOptions, *,
              on_token: Callable[[int], bool | None] | None = None, **settings: Any) -> Generation:
     """`steps` (its keyword settings: min_new_tokens, stop_at_eos, rng, forced_strategy) run to
     the end, on_token(token_id) called after each response token (False stops)."""

@@ -12,10 +12,11 @@ run, so never copied or prepacked), int8 bundles get E_q with `SessionOptions.ad
 Every other weight belongs to one graph only. The strategy head (8 rows of the LM head, used once
 per reply) is taken from that array too: `StrategyHead`.
 
-A `DecodeRun` keeps one sequence's state on the device: the self-attention KV cache and STAR's
-pooling state go from one step's outputs to the next step's inputs through IO binding (on CUDA
-they never leave the GPU); the cross-attention K/V and the embedding are bound once per turn.
-The host reads only the logits and h, into buffers allocated once per run.
+A `DecodeRun` keeps one sequence's state on the device: the self-attention KV cache is written
+in place by the step, STAR's pooling state goes from one step's outputs to the next step's inputs
+through IO binding (on CUDA neither leaves the GPU); the cross-attention K/V and the embedding are
+bound once per turn. The host reads only the logits and h, into buffers allocated once per run.
+star_runtime.batching decodes many sequences per step with the same graph.
 
 Sessions are shared: onnxruntime's `run` may be called from several threads at once, and all
 per-sequence state is in the `DecodeRun`, so one `Engine` serves many conversations.
@@ -33,7 +34,7 @@ import onnxruntime as ort
 
 from star_runtime.bundle import (FINGERPRINT_KEY, PRECISIONS, BundleError, contained, read_shared_tensors,
                                  weights_fingerprint)
-from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, BundleSpec, kv_names, star_names
+from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, STEP_INPUTS, BundleSpec, star_names
 
 EMPTY_MAX = -1e30  # STAR's empty running max (kernels/state.py); float16 clamps it to -65504
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -166,8 +167,9 @@ class Engine:
         head = StrategyHead.from_shared(spec, arrays)
         return cls(manifest, spec, device, encoder, step, inputs, head, (arrays, initializers))
 
-    def start(self, context_ids: np.ndarray) -> DecodeRun:
-        """Run the encoder on context ids [1, S] (int64) and return a run at decoder position 0."""
+    def encode(self, context_ids: np.ndarray) -> dict[str, ort.OrtValue]:
+        """The encoder on context ids [1, S] (int64): the cross-attention K, V of every decoder
+        layer by the encoder's output names, [1, N, S, H] each, on the device."""
         io = self.encoder.io_binding()
         io.bind_cpu_input("input_ids", np.ascontiguousarray(context_ids, dtype=np.int64))
         _bind_shared(io, self.encoder, self.inputs)
@@ -175,7 +177,20 @@ class Engine:
         for name in names:
             io.bind_output(name, self.device)
         self.encoder.run_with_iobinding(io)
-        return DecodeRun(self, dict(zip(names, io.get_outputs())))
+        return dict(zip(names, io.get_outputs()))
+
+    def start(self, context_ids: np.ndarray, capacity: int | None = None) -> DecodeRun:
+        """Run the encoder on context ids [1, S] (int64) and return a run at decoder position 0
+        that can take `capacity` steps (default: the position table's max_positions)."""
+        context = np.asarray(context_ids)
+        return DecodeRun(self, self.encode(context), context.shape[-1], capacity or self.spec.max_positions)
+
+    def empty_state(self, rows: int) -> dict[str, np.ndarray]:
+        """STAR's state before position 0 for `rows` sequences, by the step's input names."""
+        dtype = np.dtype(self.spec.float_dtype)
+        empty = {"max": np.full((rows, 1), max(EMPTY_MAX, float(np.finfo(dtype).min)), dtype),
+                 "norm": np.zeros((rows, 1), dtype), "sum": np.zeros((rows, self.spec.d_model), dtype)}
+        return {star_names(part)[0]: empty[part] for part in STAR_STATE}
 
 
 def _bind_shared(io: ort.IOBinding, session: ort.InferenceSession, values: dict[str, ort.OrtValue]) -> None:
@@ -187,53 +202,64 @@ def _bind_shared(io: ort.IOBinding, session: ort.InferenceSession, values: dict[
 class DecodeRun:
     """One sequence's decoding state: position, KV cache, STAR state, output buffers.
 
-    After `step`, `logits` [V] and `hidden` [d] hold that position's results (float32, the
-    run's own buffers: the next step overwrites them).
+    The KV cache is one buffer per layer and kind, [1, N, capacity, H], allocated once and bound as
+    both the past input and the present output: the step writes position t's k, v into it (spec:
+    `cache_pairs`). STAR's state alternates between two sets of buffers (the step reads one and
+    writes the other; its ops cannot work in place). After `step`, `logits` [V] and `hidden` [d]
+    hold that position's results (float32, the run's own buffers: the next step overwrites them).
     """
 
-    def __init__(self, engine: Engine, cross: dict[str, ort.OrtValue]) -> None:
+    def __init__(self, engine: Engine, cross: dict[str, ort.OrtValue], source_length: int, capacity: int) -> None:
         spec = engine.spec
-        self.engine, self.position = engine, 0
+        if not 1 <= capacity <= spec.max_positions:
+            raise ValueError(f"capacity must be in 1..{spec.max_positions}, not {capacity}")
+        self.engine, self.position, self.capacity = engine, 0, capacity
         self._io = io = engine.step.io_binding()
-        self._device = engine.device
+        device = engine.device
         dtype = np.dtype(spec.float_dtype)
         n, hd, d = spec.decoder_heads, spec.head_dim, spec.d_model
         # Inputs written in place before every step (the binding keeps pointers to them).
         self._ids = np.zeros((1, 1), np.int64)
-        self._pos = np.zeros((1,), np.int64)
-        io.bind_cpu_input("input_ids", self._ids)
-        io.bind_cpu_input("position", self._pos)
+        self._pos = np.zeros((1,), np.int32)
+        names = dict(zip(("ids", "position", "source_length"), STEP_INPUTS))
+        io.bind_cpu_input(names["ids"], self._ids)
+        io.bind_cpu_input(names["position"], self._pos)
+        io.bind_cpu_input(names["source_length"], np.array([source_length], np.int32))
         _bind_shared(io, engine.step, engine.inputs)
         for name, past in spec.cross().items():
             io.bind_ortvalue_input(past, cross[name])
         self._cross = cross  # kept alive while bound
+        self._cache = []
+        for past, present in spec.cache_pairs().items():
+            value = ort.OrtValue.ortvalue_from_shape_and_type([1, n, capacity, hd], dtype, device, 0)
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+            self._cache.append(value)
         self._logits = np.empty((1, spec.vocab_size), np.float32)
         self._hidden = np.empty((1, d), np.float32)
         for name, buf in zip(HOST_OUTPUTS, (self._logits, self._hidden)):
             io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)
         self.logits, self.hidden = self._logits[0], self._hidden[0]
-        # The recurrent state: the previous step's outputs become this step's inputs.
-        empty = {"max": np.full((1, 1), max(EMPTY_MAX, float(np.finfo(dtype).min)), dtype),
-                 "norm": np.zeros((1, 1), dtype), "sum": np.zeros((1, d), dtype)}
-        state = {star_names(part)[0]: empty[part] for part in STAR_STATE}
-        for i in range(spec.decoder_layers):
-            names = kv_names(i, "decoder")
-            state |= {past: np.zeros((1, n, 0, hd), dtype) for past in (names.past_key, names.past_value)}
-        self._state = {name: ort.OrtValue.ortvalue_from_numpy(a, self._device) for name, a in state.items()}
-        self._recurrent = [o.name for o in engine.step.get_outputs()][len(HOST_OUTPUTS):]
-        self._past = spec.recurrent()
+        empty = engine.empty_state(1)
+        self._state = [{name: ort.OrtValue.ortvalue_from_numpy(a, device) for name, a in empty.items()}
+                       for _ in range(2)]  # [read by the next step, written by it]
+        self._outputs = {past: present for present, past in spec.recurrent().items()}
 
     def step(self, token_id: int) -> np.ndarray:
         """Feed one token at the current position; returns `logits` (h' through the LM head)."""
+        if self.position >= self.capacity:
+            raise ValueError(f"the run holds {self.capacity} positions and all are used")
         io = self._io
         self._ids[0, 0] = token_id
         self._pos[0] = self.position
-        for name, value in self._state.items():
-            io.bind_ortvalue_input(name, value)
-        for name in self._recurrent:
-            io.bind_output(name, self._device)
+        current, following = self._state
+        for past, present in self._outputs.items():
+            io.bind_ortvalue_input(past, current[past])
+            io.bind_ortvalue_output(present, following[past])
         self.engine.step.run_with_iobinding(io)
-        values = io.get_outputs()[len(HOST_OUTPUTS):]
-        self._state = {self._past[name]: value for name, value in zip(self._recurrent, values)}
+        self._state.reverse()
         self.position += 1
         return self.logits
+
+    def close(self) -> None:
+        """The end of the sequence (a run of its own holds nothing to give back)."""

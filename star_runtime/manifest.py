@@ -1,9 +1,10 @@
 """The manifest schema: what `manifest.json` holds, checked field by field on load.
 
 One schema for the exporter, which writes it, and the runtime, which validates it before it uses
-any value (docs/bundle.md lists every field). Format version 2:
+any value (docs/bundle.md lists every field). Format version 3:
 
-    format_version     2 (an integer; version 1 bundles had no fingerprint and no self-check)
+    format_version     3 (an integer; version 1 bundles had no fingerprint and no self-check, version 2
+                       decoded one sequence per step and copied its KV cache at every token)
     producer           "star-export"
     precision          "float32" | "int8" | "float16";  devices: the devices it runs on
     graphs             {"encoder", "step", "weights"}: names of files listed in `files`
@@ -33,7 +34,7 @@ from typing import Any
 
 from star_runtime.json_bytes import JSONBytesError, decode_json
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 PRECISIONS = {"float32": ("cpu", "cuda"), "int8": ("cpu",), "float16": ("cuda",)}
 DTYPES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}  # itemsize, bytes
 BINDINGS = ("input", "initializer")
@@ -161,8 +162,8 @@ def check_version(manifest: dict[str, Any], source: str, folder: str) -> None:
     if version < FORMAT_VERSION:
         raise BundleError(
             f"{folder}: bundle format version {version} is older than this star_runtime reads ({FORMAT_VERSION}: "
-            "it adds a fingerprint and a self-check of the platform); re-export it from its checkpoint with "
-            "this star-export")
+            "its decoder step batches sequences at their own positions and writes the KV cache in place); "
+            "re-export it from its checkpoint with this star-export")
 
 
 def validate(manifest: dict[str, Any], source: str, folder: str) -> dict[str, Any]:

@@ -17,7 +17,8 @@
 
 One `Runtime` holds the graphs and weights once; each conversation holds only its history and,
 while it replies, its KV cache. `reply` may run in several threads at once, one conversation
-per thread (onnxruntime sessions allow concurrent runs).
+per thread (onnxruntime sessions allow concurrent runs); on `rt.batched(rows)` those threads'
+replies are decoded together, one decoder step for all of them (star_runtime.batching).
 
 The default bundle (`Runtime.load()` and star-chat without --model): the folder in
 $STAR_BUNDLE, else the one installed with the package, star_runtime/data/default_bundle/.
@@ -25,6 +26,7 @@ $STAR_BUNDLE, else the one installed with the package, star_runtime/data/default
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Callable, Mapping, Sequence
 from importlib import resources
@@ -35,7 +37,8 @@ import numpy as np
 
 from star_runtime.bundle import BundleError, TOKENIZER_FILES, load_manifest, read_file
 from star_runtime.conversation import Conversation, Reply
-from star_runtime.decoding import Generation, generate
+from star_runtime.batching import WINDOW_S, StepBatcher
+from star_runtime.decoding import Decoder, Generation, generate
 from star_runtime.engine import Engine
 from star_runtime.safety import SafetyPolicy
 from star_runtime.sampling import DecodingOptions
@@ -75,6 +78,19 @@ class Runtime:
                  safety: SafetyPolicy) -> None:
         self.path, self.manifest, self.engine, self.tokenizer, self.safety = path, manifest, engine, tokenizer, safety
         self.spec, self.device = engine.spec, engine.device
+        self.decoder: Decoder = engine  # what conversations decode with: the engine, or a StepBatcher
+        self.verified = False  # the golden self-check passed at load
+
+    def batched(self, rows: int, window: float = WINDOW_S) -> Runtime:
+        """This runtime (the same sessions, weights and safety policy) with conversations on up to
+        `rows` threads decoded together, one decoder step for all (star_runtime.batching; CPU only).
+        A runtime loaded with verify=True runs the golden self-check through the batch too (its
+        steps take other kernels: two rows at least), BundleError if it fails."""
+        other = copy.copy(self)
+        other.decoder = StepBatcher(self.engine, rows, window)
+        if self.verified:
+            run_selfcheck(self.engine, self.manifest, f"{self.path} (batched)", decoder=other.decoder)
+        return other
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, device: str = "cpu", *, threads: int | None = None,
@@ -113,7 +129,9 @@ class Runtime:
         engine = Engine.open(path, manifest, device=device, threads=threads)
         if verify:
             run_selfcheck(engine, manifest, str(path))
-        return cls(path, manifest, engine, tokenizer, safety if safety is not None else SafetyPolicy.load())
+        rt = cls(path, manifest, engine, tokenizer, safety if safety is not None else SafetyPolicy.load())
+        rt.verified = verify
+        return rt
 
     def options(self, **overrides: Any) -> DecodingOptions:
         """The bundle's decoding options (the paper's, as the exporter wrote them), with

@@ -9,12 +9,20 @@ spells a name or a key of its own.
 Tensor names (optimum's scheme, so the graphs read like optimum's in benchmarks/):
 
     encoder   input_ids [1, S]                 -> present.{i}.encoder.{key,value} [1, n, S, hd]
-    step      input_ids [1, 1], position [1],     -> logits [1, V], hidden [1, d] (HOST_OUTPUTS),
-              past_key_values.{i}.{encoder,decoder}.{key,value},   present.{i}.decoder.{key,value},
+    step      input_ids [B, 1], position [B],     -> logits [B, V], hidden [B, d] (HOST_OUTPUTS),
+              source_length [B] (STEP_INPUTS),
+              past_key_values.{i}.encoder.{key,value} [B, n, S, hd],
+              past_key_values.{i}.decoder.{key,value} [B, n, C, hd] -> present.{i}.decoder.{key,value}
+                                                                        (the same buffers, in place)
               past_star.{max,norm,sum}                              present_star.{max,norm,sum}
 
-Every present.* output of one call is the matching past_* input of the next (`recurrent`); the
-encoder's present.{i}.encoder.* are bound once as the step's past_key_values.{i}.encoder.*.
+position (int32) is each row's decoder position t_b, which is also how many cache positions it
+has filled; source_length (int32) how many of the S encoder positions are its own (the rest is a
+batch's padding). The decoder cache has a capacity C <= max_positions: the step writes row b's
+k, v at index t_b of past_key_values.{i}.decoder.*, bound as present.{i}.decoder.* too, so
+`cache_pairs` are bound once per sequence and never passed from call to call. STAR's present_star.*
+of one call are the past_star.* of the next (`recurrent`); the encoder's present.{i}.encoder.* are
+the step's past_key_values.{i}.encoder.* for the whole reply (`cross`).
 """
 
 from __future__ import annotations
@@ -25,7 +33,8 @@ from typing import Any, NamedTuple
 from star_runtime.sampling import DecodingOptions
 
 STAR_STATE = ("max", "norm", "sum")  # STAR's streaming pool: m [B, 1], l [B, 1], a [B, d]
-HOST_OUTPUTS = ("logits", "hidden")  # the step graph's first outputs; the rest is recurrent state
+HOST_OUTPUTS = ("logits", "hidden")  # the step graph's first outputs; the rest is the state it updates
+STEP_INPUTS = ("input_ids", "position", "source_length")  # what the host writes before every step
 
 
 class KVNames(NamedTuple):
@@ -76,12 +85,16 @@ class BundleSpec:
         return self.max_positions - 1
 
     def recurrent(self) -> dict[str, str]:
-        """present name -> past name, for every state tensor a step passes to the next."""
-        pairs = [star_names(part)[::-1] for part in STAR_STATE]
+        """present name -> past name, for STAR's state, which a step passes to the next."""
+        return dict(star_names(part)[::-1] for part in STAR_STATE)
+
+    def cache_pairs(self) -> dict[str, str]:
+        """past name -> present name of every self-attention cache buffer (bound to both)."""
+        pairs = {}
         for layer in range(self.decoder_layers):
             names = kv_names(layer, "decoder")
-            pairs += [(names.present_key, names.past_key), (names.present_value, names.past_value)]
-        return dict(pairs)
+            pairs |= {names.past_key: names.present_key, names.past_value: names.present_value}
+        return pairs
 
     def cross(self) -> dict[str, str]:
         """The encoder's output name -> the step's input name, for every cross-attention tensor."""

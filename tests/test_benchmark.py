@@ -95,7 +95,8 @@ def test_serve_benchmark_quick_run_reports_every_level(tmp_path: Path, bundle_in
     result = json.loads(out.read_text())
     rows = result["rows"]
     assert [(r["path"], r["batching"], r["clients"]) for r in rows] == [
-        ("direct", "-", 1), ("star-serve", "off", 1), ("star-serve", "off", 2)]
+        ("direct", "-", 1), ("star-serve", "off", 1), ("star-serve", "off", 2), ("star-serve", "on", 1),
+        ("star-serve", "on", 2)]
     for r in rows:
         assert r["precision"] == "int8" and r["requests"] == 2 * r["clients"]  # 2 turns each (1 direct conversation)
         assert is_number(r["tokens_per_s"]) and r["tokens"] > 0

@@ -25,7 +25,7 @@ import onnxruntime as ort
 import pytest
 
 from star_runtime import BundleError, Runtime
-from star_runtime.bundle import MANIFEST_FILE, load_manifest
+from star_runtime.bundle import FORMAT_VERSION, MANIFEST_FILE, load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -275,7 +275,7 @@ def test_the_shipped_default_bundle_passes_its_self_check():
 
     shipped = default_bundle()
     manifest = load_manifest(shipped)
-    assert manifest["format_version"] == 2 and manifest["precision"] == "int8"
+    assert manifest["format_version"] == FORMAT_VERSION and manifest["precision"] == "int8"
     Runtime.load(shipped)  # raises BundleError if this platform computes something else
     assert sum(f.stat().st_size for f in shipped.iterdir()) < 30e6
 
@@ -283,7 +283,7 @@ def test_the_shipped_default_bundle_passes_its_self_check():
 def test_the_spec_is_the_manifests_model_sections_and_names_every_tensor(bundle):
     """BundleSpec reads back what the exporter wrote from it, and its names are the graphs' own."""
     from star_runtime.sampling import DecodingOptions
-    from star_runtime.spec import HOST_OUTPUTS, BundleSpec
+    from star_runtime.spec import HOST_OUTPUTS, STEP_INPUTS, BundleSpec
 
     manifest = load_manifest(bundle)
     spec = BundleSpec.from_manifest(manifest)
@@ -295,7 +295,7 @@ def test_the_spec_is_the_manifests_model_sections_and_names_every_tensor(bundle)
     step_outputs = [o.name for o in rt.engine.step.get_outputs()]
     encoder_outputs = {o.name for o in rt.engine.encoder.get_outputs()}
     assert tuple(step_outputs[:len(HOST_OUTPUTS)]) == HOST_OUTPUTS
-    assert set(spec.recurrent()) == set(step_outputs[len(HOST_OUTPUTS):])
+    assert set(spec.recurrent()) | set(spec.cache_pairs().values()) == set(step_outputs[len(HOST_OUTPUTS):])
     assert set(spec.cross()) == encoder_outputs
-    fed = set(spec.recurrent().values()) | set(spec.cross().values())
-    assert fed <= step_inputs and step_inputs - fed <= {"input_ids", "position", *manifest["shared_tensors"]}
+    fed = set(spec.recurrent().values()) | set(spec.cross().values()) | set(spec.cache_pairs())
+    assert step_inputs == fed | set(STEP_INPUTS) | (set(manifest["shared_tensors"]) & step_inputs)

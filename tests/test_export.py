@@ -201,7 +201,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
 
 def test_manifest_describes_the_bundle(bundle, tokenizer_dir):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 2 and manifest["precision"] == "float32"
+    assert manifest["format_version"] == FORMAT_VERSION == 3 and manifest["precision"] == "float32"
     assert manifest["strategies"]["labels"][0] == "Question"
     assert manifest["generation"] == {"do_sample": True, "top_p": 0.3, "top_k": 30, "temperature": 0.7,
                                       "repetition_penalty": 1.03, "max_new_tokens": 40, "max_source_length": 160}

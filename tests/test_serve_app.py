@@ -58,10 +58,10 @@ class App:
 def make_app(shipped_rt):
     apps = []
 
-    def make(*, max_queue: int = 8, timeout: float = 30, loaded: bool = True) -> App:
+    def make(*, max_queue: int = 8, timeout: float = 30, loaded: bool = True, batch: int = 1) -> App:
         state = ServerState("star", Limits(1 << 20, 64, 8192), timeout)
         if loaded:
-            state.runtime, state.worker = shipped_rt, DecodeWorker(shipped_rt, max_queue)
+            state.runtime, state.worker = shipped_rt, DecodeWorker(shipped_rt, max_queue, batch)
             state.worker.start()
         apps.append(App(state))
         return apps[-1]
@@ -217,3 +217,23 @@ def test_while_loading_everything_is_503(make_app):
                 app.post({"messages": MESSAGES}, "/v1/strategy")):
         assert got.status_code == 503 and got.json()["error"]["code"] == "loading"
     assert httpx.get(app.url + "/v1/models").status_code == 200  # it knows its name already
+
+
+def test_batched_replies_are_the_replies_one_at_a_time(make_app):
+    """Four requests decoded together in one batch (continuous batching) get, seed for seed, the
+    replies they get one after the other; the batch's steps were shared."""
+    app = make_app(batch=4)
+    texts = ["I lost my job and I feel useless.", "My best friend stopped talking to me.",
+             "I am so tired of arguing with my parents.", "I failed my driving test again."]
+    bodies = [{"messages": [{"role": "user", "content": t}], "seed": i, "max_tokens": 24} for i, t in enumerate(texts)]
+    alone = [app.post(b).json()["choices"][0]["message"]["content"] for b in bodies]
+    batcher = app.state.worker.runtime.decoder
+    shared_before = batcher.rows_stepped - batcher.steps
+    results: list = [None] * 4
+    threads = [threading.Thread(target=lambda i=i: results.__setitem__(i, app.post(bodies[i]))) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.json()["choices"][0]["message"]["content"] for r in results] == alone
+    assert batcher.rows_stepped - batcher.steps > shared_before  # some steps served several replies

@@ -10,7 +10,7 @@
 The modules, each with one job:
 
     schema.py   OpenAI's request and response objects <-> the runtime's types (no HTTP library)
-    worker.py   the bounded queue and the thread that decodes, one request at a time
+    worker.py   the bounded queue and the threads that decode, their replies batched per step
     app.py      the HTTP routes, keys, limits, streaming (Starlette)
     cli.py      the star-serve command (uvicorn): options, port, loading, graceful shutdown
     ready.py    waiting for a started server's /health (standard library only: for clients)

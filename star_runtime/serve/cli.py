@@ -41,6 +41,9 @@ MAX_REQUEST_BYTES = 1 << 20  # 1 MiB: 128 messages of 8,192 ASCII characters and
 # 32 waiting requests at the 169 ms of the slowest measured bundle reply (base, int8,
 # docs/performance.md) is a 5.4 s wait at the back of the queue, well inside the timeout.
 MAX_QUEUE = 32
+# Replies decoded together on the CPU: the 8 health workers of a clinic box (docs/serve.md has
+# 1 to 16). The rows' cache pages are mapped as their positions fill.
+BATCH = 8
 TIMEOUT_S = 30.0
 
 
@@ -85,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "process listing does not show)")
     p.add_argument("--timeout", type=_seconds, default=TIMEOUT_S,
                    help=f"seconds a request may take, waiting in the queue included (default {TIMEOUT_S:g})")
+    p.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+                   help="replies decoded together, one decoder step for all (continuous batching; default "
+                        f"{BATCH} on cpu, 1 on cuda, where batching is not built)")
     p.add_argument("--max-queue", type=_positive_int, default=MAX_QUEUE,
                    help=f"requests that may wait for the model; past it 503 with Retry-After (default {MAX_QUEUE})")
     p.add_argument("--max-request-bytes", type=_positive_int, default=MAX_REQUEST_BYTES,
@@ -183,7 +189,12 @@ def main(argv: list[str] | None = None) -> int:
                                 "histories: raise it"))
                 server.should_exit = True
                 return
-            worker = DecodeWorker(rt, args.max_queue)
+            if rt.device != "cpu" and (args.batch or 1) > 1:
+                failure.append((EXIT_USAGE, f"--batch {args.batch} needs --device cpu: batched decoding is built "
+                                "for the CPU only"))
+                server.should_exit = True
+                return
+            worker = DecodeWorker(rt, args.max_queue, args.batch or (BATCH if rt.device == "cpu" else 1))
             worker.start()
             state.runtime, state.worker = rt, worker
             logger.info("ready: %s, %s bundle %s on %s", args.model_name, rt.spec.precision,

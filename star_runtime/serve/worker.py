@@ -1,16 +1,18 @@
-"""The decoding worker: one thread that answers jobs one at a time, behind a bounded queue.
+"""The decoding workers: `batch` threads that answer jobs, behind one bounded queue.
 
     submit(job, sink) -> Ticket     QueueFull when `max_queue` jobs already wait
-    the worker thread:              conversation = runtime.conversation(situation, seed, history)
+    a worker thread:                conversation = runtime.conversation(situation, seed, history)
                                     reply -> sink(Piece(text)) for each screened piece, then
                                              sink(Finished(reply, prompt_tokens))
                                     strategy -> sink(Finished(...)) only
                                     or sink(Failed(error))
     ticket.cancel()                 a waiting job is skipped; a running one stops at its next piece
 
-`sink` is called on the worker thread; the server's sink hands the event to its event loop. A
-worker that decodes several conversations in one batch can take this one's place behind the same
-`submit` and events: nothing outside this module knows that replies are decoded one at a time.
+With batch > 1 the threads' conversations decode on `runtime.batched(batch)`: one decoder step
+for every reply in progress (continuous batching: a reply joins at the next step after its
+encoder, and leaves when it ends), so `batch` replies are in progress at once and the rest wait
+in the queue. `sink` is called on the worker's thread; the server's sink hands the event to its
+event loop.
 """
 
 from __future__ import annotations
@@ -75,23 +77,32 @@ class Ticket:
 
 
 class DecodeWorker:
-    """Jobs in submission order, one at a time, on one thread (module docstring)."""
+    """Jobs in submission order, up to `batch` at once, each on a thread of its own (module docstring)."""
 
-    def __init__(self, runtime: Runtime, max_queue: int) -> None:
-        self.runtime = runtime
+    def __init__(self, runtime: Runtime, max_queue: int, batch: int = 1) -> None:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be a positive integer, not {batch!r}")
+        self.runtime = runtime.batched(batch) if batch > 1 else runtime
+        self.batch = batch
         self._queue: queue.Queue[tuple[Job, Sink, Ticket] | None] = queue.Queue(maxsize=max_queue)
         self._recent: list[float] = []  # seconds per job, the last RECENT
-        self._busy = False
-        self._thread = threading.Thread(target=self._loop, name="star-decode", daemon=True)
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._loop, name=f"star-decode-{i}", daemon=True)
+                         for i in range(batch)]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     def close(self, timeout: float | None = None) -> None:
-        """Finish the jobs already queued, then stop the thread (waiting at most `timeout` s)."""
-        if self._thread.is_alive():
+        """Finish the jobs already queued, then stop the threads (waiting at most `timeout` s)."""
+        alive = [thread for thread in self._threads if thread.is_alive()]
+        for _ in alive:
             self._queue.put(None)
-            self._thread.join(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        for thread in alive:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
 
     def submit(self, job: Job, sink: Sink) -> Ticket:
         """Queue `job`; its events go to `sink`. QueueFull when the queue is full."""
@@ -104,29 +115,31 @@ class DecodeWorker:
 
     @property
     def waiting(self) -> int:
-        """Jobs queued and not started, plus the one running."""
+        """Jobs queued and not started, plus the ones running."""
         return self._queue.qsize() + self._busy
 
     def expected_wait(self) -> float:
-        """Seconds until a job submitted now would start: the jobs ahead of it times the mean of
-        the recent ones' time (0 before any has run)."""
+        """Seconds until a job submitted now would start: the jobs queued ahead of it, `batch` at
+        a time, times the mean of the recent ones' time (0 before any has run)."""
         mean = sum(self._recent) / len(self._recent) if self._recent else 0.0
-        return self.waiting * mean
+        return (self._queue.qsize() // self.batch + (self._busy >= self.batch)) * mean
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             job, sink, ticket = item
             if ticket.cancelled:
                 continue
-            self._busy = True
+            with self._lock:
+                self._busy += 1
             start = time.perf_counter()
             try:
                 sink(self._run(job, sink, ticket))
             except Exception as err:  # noqa: BLE001  the request gets an error object; the worker goes on
                 sink(Failed(err))
             finally:
-                self._busy = False
-                self._recent = [*self._recent[-(RECENT - 1):], time.perf_counter() - start]
+                with self._lock:
+                    self._busy -= 1
+                    self._recent = [*self._recent[-(RECENT - 1):], time.perf_counter() - start]
 
     def _run(self, job: Job, sink: Sink, ticket: Ticket) -> Finished:
         r = job.request
