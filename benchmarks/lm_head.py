@@ -37,26 +37,17 @@ from star_runtime.bundle import read_shared_tensors
 from star_runtime.decoding import generate
 from star_runtime.engine import DecodeRun
 from star_runtime.sampling import DecodingOptions
-from star_training.corpus import build_lm_examples, read_corpus
+from star_export.output_vocab import training_target_ids
 from star_training.data import build_examples, load_conversations
 
 OUTSIDE = -1e9  # finite, so the repetition penalty (x 1.03) and the finiteness check keep working
 
 
 def kept_ids(runtime: Runtime, data: Path, corpora: list[str]) -> tuple[np.ndarray, dict[str, int]]:
-    """The sorted token ids of every training target (module docstring, 1), and per-source counts."""
-    tok = runtime.tokenizer
-    counts, kept = {}, set()
-    sources = {"esconv-train (stage 1 responses)": [e.labels for e in build_examples(load_conversations(data, "train"), tok)]}
-    for corpus in corpora:
-        sources[f"{corpus} (stage 0)"] = [e.labels[1:] for e in build_lm_examples(read_corpus(corpus, data), tok)]
-    for name, labels in sources.items():
-        ids = {i for row in labels for i in row if i >= 0}
-        counts[name] = len(ids)
-        kept |= ids
-    spec = runtime.engine.spec
-    kept |= {spec.eos_id, *spec.strategy_token_ids}
-    return np.array(sorted(kept), np.int64), counts
+    """The sorted token ids of every training target (module docstring, 1), with the strategy
+    tokens, and per-source counts."""
+    kept, counts = training_target_ids(runtime.tokenizer, data, corpora)
+    return np.union1d(kept, runtime.engine.spec.strategy_token_ids), counts
 
 
 def head_graph(runtime: Runtime, rows: np.ndarray) -> tuple[bytes, dict[str, np.ndarray]]:
@@ -133,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
     rt = Runtime.load(args.bundle, threads=args.threads)
     spec = rt.engine.spec
+    if spec.output_size != spec.vocab_size:
+        print(f"lm_head.py: error: {args.bundle}'s LM head is already trimmed ({spec.output_size:,} of "
+              f"{spec.vocab_size:,} tokens): measure an export of the whole head", file=sys.stderr)
+        return 2
     kept, counts = kept_ids(rt, args.data, args.corpus or ["chitchat", "esconv-train"])
     outside = np.setdiff1d(np.arange(spec.vocab_size), kept)
     result = {"bundle": str(rt.path), "precision": spec.precision, "d_model": spec.d_model,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from star_runtime.cli import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, add_version
 from star_runtime.terminal import printable
@@ -39,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     precision.add_argument("--quantize", choices=["int8"], help="int8 weights for CPU (dynamic activation "
                            "quantization, the LM head included)")
     precision.add_argument("--fp16", action="store_true", help="float16 weights and compute, for CUDA")
+    p.add_argument("--trim-vocab", metavar="ESCONV_DIR", type=Path, default=None,
+                   help="keep in the LM head only the tokens the model was trained to produce: those of ESConv's "
+                   "train split in this folder (and of every --trim-corpus); default: the whole vocabulary")
+    p.add_argument("--trim-corpus", metavar="NAME", action="append", default=[],
+                   help="a stage-0 corpus the model was pretrained on (star-train --corpus), for --trim-vocab; "
+                   "repeatable")
     p.add_argument("--no-validate", action="store_true",
                    help="skip the check against the PyTorch model (not recommended)")
     add_version(p)
@@ -50,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = "int8" if args.quantize == "int8" else "float16" if args.fp16 else "float32"
     # Imported after argparse so that --help and argument errors are instant (torch takes seconds).
     try:
-        from star_export.exporter import export_bundle
+        from star_export.exporter import checkpoint_tokenizer, export_bundle
+        from star_export.output_vocab import training_target_ids
         from star_export.weights import ExportError
         from star_training.checkpoint import CheckpointError, resolve_checkpoint
         from star_training.cli_common import os_error_message
@@ -65,7 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         checkpoint, which = resolve_checkpoint(args.checkpoint)
         if which:
             say(f"star-export: using {which}")
-        manifest = export_bundle(checkpoint, args.out, precision=precision, validate=not args.no_validate, log=say)
+        output_ids = None
+        if args.trim_vocab is not None:
+            output_ids, counts = training_target_ids(checkpoint_tokenizer(checkpoint), args.trim_vocab,
+                                                     args.trim_corpus)
+            say(f"star-export: the LM head keeps {len(output_ids):,} tokens ("
+                + ", ".join(f"{name}: {n:,}" for name, n in counts.items()) + ")")
+        manifest = export_bundle(checkpoint, args.out, precision=precision, validate=not args.no_validate, log=say,
+                                 output_ids=output_ids)
     except (ExportError, CheckpointError, ValueError) as err:
         say(f"star-export: error: {err}")
         return EXIT_USAGE

@@ -27,6 +27,7 @@ import torch
 
 from star_export.weights import EMBED, EMBED_T, ExportError, layout
 from star_runtime.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from star_runtime.spec import OUTPUT_IDS
 from star_runtime.tokenizer import Tokenizer
 from star_training.checkpoint import save_model
 from star_training.config import PRESETS, StarConfig, base_config
@@ -75,6 +76,9 @@ def to_checkpoint(bundle: str | Path, out: str | Path) -> StarForConditionalGene
     """Rebuild the model of `bundle` (module docstring) and save it as a checkpoint at `out`."""
     folder = Path(bundle)
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    if OUTPUT_IDS in manifest.get("shared_tensors", {}):
+        raise ExportError(f"{folder}: its LM head is trimmed to {manifest['io']['output_size']:,} tokens, so the "
+                          "bias of the others is not in it; dequantize an export of the whole head")
     cfg = manifest["model_config"]
     preset = next((p for p, sizes in PRESETS.items() if all(sizes[k] == cfg[k] for k in SIZE_KEYS)), None)
     if preset is None:

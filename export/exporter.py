@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import torch
 
@@ -37,7 +38,7 @@ from star_runtime.bundle import (ENCODER_FILE, FORMAT_VERSION, MANIFEST_FILE, PR
 from star_runtime.engine import Engine
 from star_runtime.manifest import MAX_MANIFEST_BYTES, BundleError, parse
 from star_runtime.sampling import DecodingOptions
-from star_runtime.spec import BundleSpec
+from star_runtime.spec import OUTPUT_IDS, BundleSpec
 from star_runtime.selfcheck import TOLERANCE, decisive_steps, golden
 from star_runtime.strategies import STRATEGIES, STRATEGY_NAMES
 from star_runtime.tokenizer import Tokenizer, TokenizerError
@@ -46,6 +47,15 @@ from star_training.folders import write_folder_atomically
 from star_training.model import StarForConditionalGeneration
 
 MAX_SOURCE_LENGTH = 160  # training's source length (SPEC section 1): the context the model was trained on
+
+
+def checkpoint_tokenizer(checkpoint: str | Path) -> Tokenizer:
+    """The tokenizer saved beside a checkpoint; ExportError when its files are missing or bad."""
+    try:
+        return Tokenizer.from_dir(checkpoint)
+    except TokenizerError as err:
+        raise ExportError(f"the checkpoint has no usable tokenizer files ({err}); save it with "
+                          "star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)") from None
 
 
 def load_checkpoint(checkpoint: str | Path) -> tuple[StarForConditionalGeneration, Tokenizer]:
@@ -57,11 +67,7 @@ def load_checkpoint(checkpoint: str | Path) -> tuple[StarForConditionalGeneratio
         model = load_model(path)
     except (CheckpointError, ValueError) as err:
         raise ExportError(f"cannot load the checkpoint: {err}") from None
-    try:
-        tokenizer = Tokenizer.from_dir(path)
-    except TokenizerError as err:
-        raise ExportError(f"the checkpoint has no usable tokenizer files ({err}); save it with "
-                          "star_training.checkpoint.save_model(model, dir, tokenizer_dir=...)") from None
+    tokenizer = checkpoint_tokenizer(path)
     if tokenizer.vocab_size != model.config.vocab_size:
         raise ExportError(
             f"{path}: the tokenizer has {tokenizer.vocab_size} tokens, the model {model.config.vocab_size}")
@@ -82,13 +88,15 @@ def check_finite(model: StarForConditionalGeneration, path: Path) -> None:
                                   "(a diverged training run?); export an earlier checkpoint")
 
 
-def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: str) -> dict[str, Any]:
-    """weights.bin, encoder.onnx and decoder_step.onnx in `folder`; returns the manifest's
-    "fingerprint" and "shared_tensors"."""
+def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: str,
+                 output_ids: np.ndarray | None = None) -> dict[str, Any]:
+    """weights.bin, encoder.onnx and decoder_step.onnx in `folder` (output_ids: a trimmed LM
+    head's tokens, star_export.weights.stored_arrays); returns the manifest's "fingerprint" and
+    "shared_tensors"."""
     dims = Dims.of(model)
     weights = WeightsFile(folder / WEIGHTS_FILE)
     try:
-        for name, array in stored_arrays(model, precision).items():
+        for name, array in stored_arrays(model, precision, output_ids).items():
             weights.add(name, array)
     finally:
         weights.close()
@@ -101,6 +109,8 @@ def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: s
     # How the runtime hands the embedding to both graphs (graphs.py, _Ops.embed): float bundles take
     # E^T as a graph input; int8 ones as initializers given once with SessionOptions.add_initializer.
     shared = {EMBED: "initializer", EMBED_SCALE: "initializer"} if precision == "int8" else {EMBED_T: "input"}
+    if output_ids is not None:
+        shared[OUTPUT_IDS] = "host"  # the runtime's map from logits to tokens
     return {
         "fingerprint": fingerprint,
         "shared_tensors": {name: {**weights.tensors[name].as_dict(), "binding": binding}
@@ -108,13 +118,16 @@ def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: s
     }
 
 
-def bundle_spec(model: StarForConditionalGeneration, tokenizer: Tokenizer, precision: str) -> BundleSpec:
-    """The bundle specification of `model` exported at `precision`, with the paper's decoding."""
+def bundle_spec(model: StarForConditionalGeneration, tokenizer: Tokenizer, precision: str,
+                output_size: int | None = None) -> BundleSpec:
+    """The bundle specification of `model` exported at `precision`, with the paper's decoding;
+    output_size: a trimmed LM head's rows (default the vocabulary)."""
     dims = Dims.of(model)
     return BundleSpec(
         precision=precision, float_dtype="float16" if precision == "float16" else "float32", d_model=dims.d_model,
         decoder_layers=dims.decoder_layers, decoder_heads=dims.decoder_heads,
         head_dim=dims.d_model // dims.decoder_heads, vocab_size=dims.vocab_size, max_positions=dims.max_positions,
+        output_size=output_size or dims.vocab_size,
         pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id, unk_id=tokenizer.unk_id,
         strategy_labels=STRATEGY_NAMES, strategy_tokens=STRATEGIES, strategy_token_ids=tuple(tokenizer.strategy_ids),
         # b[strategy ids]: with the embedding's rows, the runtime's strategy head
@@ -148,11 +161,17 @@ def build_manifest(folder: Path, model: StarForConditionalGeneration, tokenizer:
             "max_position_embeddings": cfg.max_position_embeddings,
             "star": model.star_config.to_dict(),
         },
-        **bundle_spec(model, tokenizer, precision).as_manifest(),
+        **bundle_spec(model, tokenizer, precision, _output_size(graphs)).as_manifest(),
         "validation": validation,
         "selfcheck": None,
         "files": {name: file_entry(folder / name) for name in files},
     }
+
+
+def _output_size(graphs: dict[str, Any]) -> int | None:
+    """A trimmed LM head's rows (the length of its id table), None for the whole vocabulary."""
+    table = graphs["shared_tensors"].get(OUTPUT_IDS)
+    return table["shape"][0] if table else None
 
 
 # Fixed contexts for the golden self-check, tried in order: the first whose greedy choices are
@@ -240,21 +259,32 @@ def check_destination(out: Path) -> None:
 
 
 def export_bundle(checkpoint: str | Path, out: str | Path, *, precision: str = "float32",
-                  validate: bool = True, log: Callable[[str], None] = print) -> dict[str, Any]:
+                  validate: bool = True, log: Callable[[str], None] = print,
+                  output_ids: Sequence[int] | np.ndarray | None = None) -> dict[str, Any]:
     """Write the bundle of `checkpoint` at `out` (a folder, whatever its name); returns the manifest.
 
     precision: "float32", "int8" or "float16". validate: run star_export.validate before keeping
     the bundle (ValidationError, and nothing written, beyond tolerance). log: progress lines.
+    output_ids: the tokens the LM head keeps (star_export.output_vocab; __end__ among them), or
+    None for the whole vocabulary.
     """
     if precision not in PRECISIONS:
         raise ExportError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     out = Path(out)
     check_destination(out)
     model, tokenizer = load_checkpoint(checkpoint)
+    if output_ids is not None:
+        output_ids = np.unique(np.asarray(output_ids, np.int64))
+        if output_ids.size == 0 or output_ids[0] < 0 or output_ids[-1] >= tokenizer.vocab_size \
+                or tokenizer.eos_id not in output_ids:
+            raise ExportError(f"the LM head's tokens must be ids of the {tokenizer.vocab_size:,}-token vocabulary "
+                              "with __end__ among them")
+        if output_ids.size == tokenizer.vocab_size:
+            output_ids = None  # nothing to trim
     result: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
-        graphs = write_graphs(tmp, model, precision)
+        graphs = write_graphs(tmp, model, precision, output_ids)
         tokenizer.save(tmp)
         manifest = build_manifest(tmp, model, tokenizer, precision, graphs, None)
         device = "cpu"

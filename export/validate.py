@@ -75,9 +75,9 @@ def compare(folder, model: StarForConditionalGeneration, manifest: dict[str, Any
                 agree += int(ref.argmax() == got.argmax())
                 token = torch.tensor([[sids[int(ref.argmax())]]])
             else:
-                ref = model.lm_logits(fused)[0].numpy()
+                ref = model.lm_logits(fused)[0].numpy()[engine.output_ids]  # the tokens the bundle's head keeps
                 got = logits_b
-                token = torch.tensor([[int(ref.argmax())]])
+                token = torch.tensor([[int(engine.output_ids[ref.argmax()])]])
             diff = got.astype(np.float64) - ref
             finite = finite and bool(np.isfinite(diff).all() and np.isfinite(ref).all())
             max_abs = max(max_abs, float(np.abs(diff).max()))

@@ -35,12 +35,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from star_runtime.spec import OUTPUT_IDS
 from star_training.model import StarForConditionalGeneration
 
 EMBED_T = "embed.weight_t"  # float bundles: E^T [d, V], a graph input (see graphs.py)
 EMBED = "embed.weight"  # int8 bundles: E_q [V, d/B, B] and its scales [V, d/B], initializers
 EMBED_SCALE = "embed.weight.scale"  # a matrix's scales are `name.scale`
 LM_BIAS = "lm.bias"
+LM_WEIGHT = "lm.weight"  # a trimmed LM head: E^T's columns of the kept tokens, stored apart from E
 
 
 class ExportError(Exception):
@@ -201,12 +203,18 @@ def runs_on_the_encoder(name: str) -> bool:
     return name.startswith("enc.") or name == "dec.cross_kv"
 
 
-def stored_arrays(model: StarForConditionalGeneration, precision: str) -> dict[str, np.ndarray]:
+def stored_arrays(model: StarForConditionalGeneration, precision: str,
+                  output_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every array of the bundle's weights file, by name, in `precision`'s storage types.
 
     Matrices: `name` (W or W_q), `name.bias`, and for int8 `name.scale` (module docstring).
+    output_ids: the tokens a trimmed LM head computes (increasing ids): its own matrix
+    LM_WEIGHT = E^T[:, ids] [d, V_out] (as every matrix, per precision), LM_BIAS = b[ids] and the
+    id table OUTPUT_IDS (int32); None: the head reads the shared embedding, all V rows.
     """
     mats, other = collect(model)
+    if output_ids is not None:
+        mats[LM_WEIGHT] = (other[EMBED_T][:, output_ids], other.pop(LM_BIAS)[output_ids])
     out: dict[str, np.ndarray] = {}
     float_type = np.float16 if precision == "float16" else np.float32
     for name, (w, b) in mats.items():
@@ -215,7 +223,9 @@ def stored_arrays(model: StarForConditionalGeneration, precision: str) -> dict[s
             out[name], out[name + ".scale"] = quantize(w)
         else:
             out[name] = w.astype(float_type)
-        out[name + ".bias"] = b.astype(float_type)
+        out[LM_BIAS if name == LM_WEIGHT else name + ".bias"] = b.astype(float_type)
+    if output_ids is not None:
+        out[OUTPUT_IDS] = np.asarray(output_ids, np.int32)
     for name, a in other.items():
         if name == EMBED_T and precision == "int8":
             out[EMBED], out[EMBED_SCALE] = quantize_blocks(a)  # E^T [d, V] -> [V, d/B, B]: rows of E

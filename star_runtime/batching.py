@@ -82,7 +82,7 @@ class DecodeBatch:
         self.ids = np.full((rows, 1), spec.pad_id, np.int64)
         self.position = np.zeros(rows, np.int32)
         self.source_length = np.ones(rows, np.int32)
-        self.logits = np.empty((rows, spec.vocab_size), np.float32)
+        self.logits = np.empty((rows, spec.output_size), np.float32)
         self.hidden = np.empty((rows, spec.d_model), np.float32)
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
 
@@ -163,7 +163,7 @@ class BatchedRun:
     def __init__(self, batcher: StepBatcher, row: int, capacity: int) -> None:
         spec = batcher.spec
         self.row, self.position, self.capacity = row, 0, capacity
-        self.logits = np.empty(spec.vocab_size, np.float32)
+        self.logits = np.empty(spec.output_size, np.float32)
         self.hidden = np.empty(spec.d_model, np.float32)
         self._batcher, self._done, self._error, self._closed = batcher, False, None, False
 
@@ -184,12 +184,13 @@ class BatchedRun:
 class StepBatcher:
     """Sequences on many threads decoded together, one batched step for all (module docstring).
 
-    A `decoding.Decoder`: `spec`, `strategy_logits` and `start` as an Engine's. `steps` counts
+    A `decoding.Decoder`: `spec`, `strategy_logits`, `output_ids`, `to_output` and `start` as an Engine's. `steps` counts
     the batched steps run and `rows_stepped` the sequences' steps they served.
     """
 
     def __init__(self, engine: Engine, rows: int = 16, window: float = WINDOW_S) -> None:
         self.engine, self.spec, self.strategy_logits = engine, engine.spec, engine.strategy_logits
+        self.output_ids, self.to_output = engine.output_ids, engine.to_output
         self.window = window
         self._batch = DecodeBatch(engine, rows)
         self._cond = threading.Condition()

@@ -96,7 +96,7 @@ class Run(Protocol):
     """One sequence being decoded (star_runtime.engine.DecodeRun, or a row of a batch)."""
 
     position: int
-    logits: np.ndarray  # [V] after `step`
+    logits: np.ndarray  # [V_out] after `step`: the LM head's, for the tokens Decoder.output_ids names
     hidden: np.ndarray  # [d] after `step`
 
     def step(self, token_id: int) -> np.ndarray: ...
@@ -108,7 +108,9 @@ class Decoder(Protocol):
 
     spec: BundleSpec
     strategy_logits: Callable[[np.ndarray], np.ndarray]
+    output_ids: np.ndarray  # [V_out]: logit k is token output_ids[k]
 
+    def to_output(self, ids: np.ndarray) -> np.ndarray: ...
     def start(self, context_ids: np.ndarray, capacity: int | None = None) -> Run: ...
 
 
@@ -173,7 +175,11 @@ def _decode(run: Run, engine: Decoder, options: DecodingOptions, forced_strategy
     strategy = int(strategy_logits.argmax()) if forced_strategy is None else int(forced_strategy)
     timings.strategy_ms = ms(clock())
 
-    banned, banned_eos = banned_ids(spec, with_eos=False), banned_ids(spec, with_eos=True)
+    # Choices are made among the LM head's logits (its k-th is token output_ids[k]): the banned
+    # and seen ids it has no logit for need no ban and no penalty.
+    to_output, output_ids = engine.to_output, engine.output_ids
+    banned = to_output(banned_ids(spec, with_eos=False))
+    banned_eos = to_output(banned_ids(spec, with_eos=True))
     seen = {spec.bos_id, strategy_ids[strategy]}
     token, tokens, stopped = strategy_ids[strategy], [], False
     for t in range(max_new_tokens):
@@ -181,7 +187,8 @@ def _decode(run: Run, engine: Decoder, options: DecodingOptions, forced_strategy
         logits = run.step(token)
         _check_finite(logits, "next-token logits")
         ban = banned_eos if (t < min_new_tokens or not stop_at_eos) else banned
-        token = next_token(logits, np.fromiter(seen, np.int64, len(seen)), ban, options, rng)
+        choice = next_token(logits, to_output(np.fromiter(seen, np.int64, len(seen))), ban, options, rng)
+        token = int(output_ids[choice])
         timings.token_ms.append((clock() - t0) * 1e3)
         if t == 0:
             timings.first_token_ms = ms(clock())

@@ -34,7 +34,7 @@ import onnxruntime as ort
 
 from star_runtime.bundle import (FINGERPRINT_KEY, PRECISIONS, BundleError, contained, read_shared_tensors,
                                  weights_fingerprint)
-from star_runtime.spec import HOST_OUTPUTS, STAR_STATE, STEP_INPUTS, BundleSpec, star_names
+from star_runtime.spec import HOST_OUTPUTS, OUTPUT_IDS, STAR_STATE, STEP_INPUTS, BundleSpec, star_names
 
 EMPTY_MAX = -1e30  # STAR's empty running max (kernels/state.py); float16 clamps it to -65504
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -117,6 +117,8 @@ class Engine:
     step: ort.InferenceSession
     inputs: dict[str, ort.OrtValue]  # shared tensors bound as graph inputs, on the device
     strategy_logits: StrategyHead
+    output_ids: np.ndarray  # [V_out] int64: the vocabulary id of each logit the step computes
+    output_index: np.ndarray  # [V] int64: the logit of each vocabulary id, -1 where the head has none
     _keep: tuple  # the arrays and values the sessions point into: they must outlive the sessions
 
     @classmethod
@@ -165,7 +167,15 @@ class Engine:
             raise DeviceError("onnxruntime could not start CUDA for this bundle (is a GPU visible?)")
         spec = BundleSpec.from_manifest(manifest)
         head = StrategyHead.from_shared(spec, arrays)
-        return cls(manifest, spec, device, encoder, step, inputs, head, (arrays, initializers))
+        output_ids = _output_ids(folder, spec, arrays.get(OUTPUT_IDS))
+        index = np.full(spec.vocab_size, -1, np.int64)
+        index[output_ids] = np.arange(output_ids.size)
+        return cls(manifest, spec, device, encoder, step, inputs, head, output_ids, index, (arrays, initializers))
+
+    def to_output(self, ids: np.ndarray) -> np.ndarray:
+        """The logit indices of the vocabulary ids `ids` that the LM head computes (the others dropped)."""
+        index = self.output_index[ids]
+        return index[index >= 0]
 
     def encode(self, context_ids: np.ndarray) -> dict[str, ort.OrtValue]:
         """The encoder on context ids [1, S] (int64): the cross-attention K, V of every decoder
@@ -193,6 +203,18 @@ class Engine:
         return {star_names(part)[0]: empty[part] for part in STAR_STATE}
 
 
+def _output_ids(folder: Path, spec: BundleSpec, table: np.ndarray | None) -> np.ndarray:
+    """The LM head's vocabulary ids (all of them without a table); BundleError for a table that is
+    not increasing ids of the vocabulary with __end__ among them (the manifest checked its shape)."""
+    if table is None:
+        return np.arange(spec.vocab_size, dtype=np.int64)
+    ids = table.astype(np.int64)
+    if ids.min() < 0 or ids.max() >= spec.vocab_size or (np.diff(ids) <= 0).any() or spec.eos_id not in ids:
+        raise BundleError(f"{folder}: the LM head's id table ({OUTPUT_IDS}) is not increasing ids of the "
+                          "vocabulary with __end__ among them; re-export the bundle")
+    return ids
+
+
 def _bind_shared(io: ort.IOBinding, session: ort.InferenceSession, values: dict[str, ort.OrtValue]) -> None:
     for graph_input in session.get_inputs():
         if graph_input.name in values:
@@ -205,7 +227,7 @@ class DecodeRun:
     The KV cache is one buffer per layer and kind, [1, N, capacity, H], allocated once and bound as
     both the past input and the present output: the step writes position t's k, v into it (spec:
     `cache_pairs`). STAR's state alternates between two sets of buffers (the step reads one and
-    writes the other; its ops cannot work in place). After `step`, `logits` [V] and `hidden` [d]
+    writes the other; its ops cannot work in place). After `step`, `logits` [V_out] and `hidden` [d]
     hold that position's results (float32, the run's own buffers: the next step overwrites them).
     """
 
@@ -235,7 +257,7 @@ class DecodeRun:
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
             self._cache.append(value)
-        self._logits = np.empty((1, spec.vocab_size), np.float32)
+        self._logits = np.empty((1, spec.output_size), np.float32)
         self._hidden = np.empty((1, d), np.float32)
         for name, buf in zip(HOST_OUTPUTS, (self._logits, self._hidden)):
             io.bind_output(name, "cpu", 0, np.float32, list(buf.shape), buf.ctypes.data)

@@ -11,7 +11,9 @@ any value (docs/bundle.md lists every field). Format version 3:
     fingerprint        64 hex digits, also in weights.bin's header and in both graphs' metadata
     shared_tensors     name -> {dtype, shape, offset, length, binding}: arrays read from weights.bin
     io                 float_dtype, d_model, decoder_layers, decoder_heads, head_dim, vocab_size,
-                       max_positions (the step graph's state sizes)
+                       max_positions (the step graph's state sizes), output_size (the LM head's
+                       rows: vocab_size, or fewer with the shared tensor lm.ids, the vocabulary id
+                       of each logit, binding "host")
     model_config       the architecture, shown to users (model_type, sizes, star)
     strategies         labels, tokens, token_ids, logit_bias: 8 each
     special_ids        pad, bos, eos, unk
@@ -33,11 +35,12 @@ import re
 from typing import Any
 
 from star_runtime.json_bytes import JSONBytesError, decode_json
+from star_runtime.spec import OUTPUT_IDS
 
 FORMAT_VERSION = 3
 PRECISIONS = {"float32": ("cpu", "cuda"), "int8": ("cpu",), "float16": ("cuda",)}
 DTYPES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}  # itemsize, bytes
-BINDINGS = ("input", "initializer")
+BINDINGS = ("input", "initializer", "host")  # a graph input, an initializer of both graphs, or the host's
 N_STRATEGIES = 8
 MAX_MANIFEST_BYTES = 1 << 20  # the int8 default's manifest is 14 KB; nothing legitimate is near 1 MiB
 MAX_FILE_BYTES = 1 << 36  # 64 GiB: any real bundle (the 90M float32 one is 357 MB) fits
@@ -203,8 +206,16 @@ def validate(manifest: dict[str, Any], source: str, folder: str) -> dict[str, An
         f.fail("io.head_dim", f"head_dim x decoder_heads must be d_model ({d})")
     vocab = f.integer(io, "vocab_size", "io.vocab_size", N_STRATEGIES + 4)
     positions = f.integer(io, "max_positions", "io.max_positions", 3)
+    outputs = f.integer(io, "output_size", "io.output_size", 1, vocab)
 
     _shared_tensors(f, manifest, files[graphs["weights"]]["size"])
+    table = manifest["shared_tensors"].get(OUTPUT_IDS)
+    if outputs < vocab and (table is None or (table["dtype"], table["shape"], table["binding"]) !=
+                            ("int32", [outputs], "host")):
+        f.fail(f"shared_tensors.{OUTPUT_IDS}", f"an LM head of {outputs} of the {vocab} tokens needs their ids: "
+               f"int32 [{outputs}], binding host")
+    if outputs == vocab and table is not None:
+        f.fail(f"shared_tensors.{OUTPUT_IDS}", "an LM head over the whole vocabulary has no id table")
     _model_config(f, manifest)
     ids = {"lo": 0, "hi": vocab - 1}
     strategies = f.object(manifest, "strategies", "strategies")

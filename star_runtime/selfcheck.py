@@ -7,7 +7,7 @@ that run with the PyTorch model) for one fixed context and stores, in manifest["
     strategy_logits   [8]: W_s h_0 + b_s at position 0 (__start__)
     steps[t]          t = 1..T (T = STEPS): token = the greedy token at t (argmax of the logits over the
                       ids a response may hold), ids = 64 probed vocabulary ids (the 8 largest
-                      logits and 56 spread over the vocabulary), logits = their values
+                      logits and 56 spread over the LM head's outputs), logits = their values
     onnxruntime, provider, machine   where the values were computed (for the refusal message)
 
 `Runtime.load` runs the same context (teacher-forced with the golden tokens, so every step
@@ -57,12 +57,13 @@ TOLERANCE = {"float32": 1e-3, "int8": 0.1, "float16": 0.1}
 
 
 def _banned(engine: Decoder) -> np.ndarray:
-    return banned_ids(engine.spec, with_eos=True)  # a fixed-length reply: __end__ is never chosen
+    """The logits never chosen (a fixed-length reply: __end__ neither)."""
+    return engine.to_output(banned_ids(engine.spec, with_eos=True))
 
 
 def _steps(engine: Decoder, context_ids: list[int], strategy_token: int | None, tokens: list[int] | None,
            steps: int) -> tuple[np.ndarray, list[np.ndarray], list[int], int]:
-    """Strategy logits [8], each step's logits [V] (copies), the fed tokens, the strategy token.
+    """Strategy logits [8], each step's logits [V_out] (copies), the fed tokens, the strategy token.
 
     strategy_token/tokens None: choose greedily (the exporter); else feed them (the check).
     """
@@ -86,7 +87,7 @@ def _feed(engine: Decoder, run: Run, strategy_token: int | None, tokens: list[in
         if tokens is None:
             masked = logits.copy()
             masked[banned] = -np.inf
-            token = int(masked.argmax())
+            token = int(engine.output_ids[masked.argmax()])
         else:
             token = tokens[t]
         fed.append(token)
@@ -101,17 +102,17 @@ def platform_name(engine: Engine) -> dict[str, str]:
 
 def golden(engine: Engine, context_ids: list[int], steps: int = STEPS) -> dict[str, Any]:
     """The record star-export stores in manifest["selfcheck"] (module docstring)."""
-    vocab = engine.spec.vocab_size
     strategy_logits, all_logits, tokens, _ = _steps(engine, context_ids, None, None, steps)
-    spread = np.linspace(0, vocab - 1, SPREAD).astype(np.int64)
+    spread = np.linspace(0, engine.spec.output_size - 1, SPREAD).astype(np.int64)  # logit indices
     banned = _banned(engine)
     records = []
     for logits, token in zip(all_logits, tokens):
         masked = logits.copy()
         masked[banned] = -np.inf
         top = np.argsort(-masked, kind="stable")[:TOP]
-        ids = list(dict.fromkeys([*map(int, top), *map(int, spread)]))
-        records.append({"token": token, "ids": ids, "logits": [_short(logits[i]) for i in ids]})
+        probes = list(dict.fromkeys([*map(int, top), *map(int, spread)]))
+        records.append({"token": token, "ids": [int(engine.output_ids[k]) for k in probes],
+                        "logits": [_short(logits[k]) for k in probes]})
     return {"context_ids": list(map(int, context_ids)),
             "strategy_logits": [_short(v) for v in strategy_logits],
             "steps": records, **platform_name(engine)}
@@ -153,10 +154,16 @@ def measure(engine: Decoder, manifest: dict[str, Any]) -> tuple[float, list[str]
             problems.append(f"NaN or infinite logits at step {t}")
             diffs.append(np.array([np.inf]))
             continue
-        diffs.append(np.abs(logits[step["ids"]] - np.asarray(step["logits"])))
+        probes = engine.to_output(np.asarray(step["ids"], np.int64))
+        if probes.size != len(step["ids"]):
+            problems.append(f"step {t} probes tokens the LM head has no logit for")
+            diffs.append(np.array([np.inf]))
+            continue
+        diffs.append(np.abs(logits[probes] - np.asarray(step["logits"])))
         masked = logits.copy()
         masked[banned] = -np.inf
-        if _margin(step["logits"][:TOP]) > 2 * tolerance and int(masked.argmax()) != step["token"]:
+        greedy = int(engine.output_ids[masked.argmax()])
+        if _margin(step["logits"][:TOP]) > 2 * tolerance and greedy != step["token"]:
             problems.append(f"the greedy token differs at step {t}")
     worst = float(np.max(np.concatenate(diffs)))
     return (worst if np.isfinite(worst) else float("inf")), problems

@@ -9,13 +9,15 @@ spells a name or a key of its own.
 Tensor names (optimum's scheme, so the graphs read like optimum's in benchmarks/):
 
     encoder   input_ids [1, S]                 -> present.{i}.encoder.{key,value} [1, n, S, hd]
-    step      input_ids [B, 1], position [B],     -> logits [B, V], hidden [B, d] (HOST_OUTPUTS),
+    step      input_ids [B, 1], position [B],     -> logits [B, V_out], hidden [B, d] (HOST_OUTPUTS),
               source_length [B] (STEP_INPUTS),
               past_key_values.{i}.encoder.{key,value} [B, n, S, hd],
               past_key_values.{i}.decoder.{key,value} [B, n, C, hd] -> present.{i}.decoder.{key,value}
                                                                         (the same buffers, in place)
               past_star.{max,norm,sum}                              present_star.{max,norm,sum}
 
+V_out = output_size: the LM head's rows, the whole vocabulary or the tokens the model was
+trained to produce (then logit k is token OUTPUT_IDS[k], a table in weights.bin).
 position (int32) is each row's decoder position t_b, which is also how many cache positions it
 has filled; source_length (int32) how many of the S encoder positions are its own (the rest is a
 batch's padding). The decoder cache has a capacity C <= max_positions: the step writes row b's
@@ -35,6 +37,7 @@ from star_runtime.sampling import DecodingOptions
 STAR_STATE = ("max", "norm", "sum")  # STAR's streaming pool: m [B, 1], l [B, 1], a [B, d]
 HOST_OUTPUTS = ("logits", "hidden")  # the step graph's first outputs; the rest is the state it updates
 STEP_INPUTS = ("input_ids", "position", "source_length")  # what the host writes before every step
+OUTPUT_IDS = "lm.ids"  # the shared tensor of a trimmed LM head: logit k is vocabulary id lm.ids[k]
 
 
 class KVNames(NamedTuple):
@@ -67,6 +70,7 @@ class BundleSpec:
     head_dim: int
     vocab_size: int
     max_positions: int  # the decoder's position table
+    output_size: int  # the LM head's rows (vocab_size, or fewer: OUTPUT_IDS)
     pad_id: int
     bos_id: int  # __start__, also the decoder's first input
     eos_id: int  # __end__, also the separator between the context's turns
@@ -110,7 +114,7 @@ class BundleSpec:
             "precision": self.precision,
             "io": {"float_dtype": self.float_dtype, "d_model": self.d_model, "decoder_layers": self.decoder_layers,
                    "decoder_heads": self.decoder_heads, "head_dim": self.head_dim, "vocab_size": self.vocab_size,
-                   "max_positions": self.max_positions},
+                   "max_positions": self.max_positions, "output_size": self.output_size},
             "strategies": {"labels": list(self.strategy_labels), "tokens": list(self.strategy_tokens),
                            "token_ids": list(self.strategy_token_ids),
                            "logit_bias": list(self.strategy_logit_bias)},
@@ -126,7 +130,7 @@ class BundleSpec:
         return cls(
             precision=manifest["precision"], float_dtype=io["float_dtype"], d_model=io["d_model"], decoder_layers=io["decoder_layers"],
             decoder_heads=io["decoder_heads"], head_dim=io["head_dim"], vocab_size=io["vocab_size"],
-            max_positions=io["max_positions"],
+            max_positions=io["max_positions"], output_size=io["output_size"],
             pad_id=special["pad"], bos_id=special["bos"], eos_id=special["eos"], unk_id=special["unk"],
             strategy_labels=tuple(strategies["labels"]), strategy_tokens=tuple(strategies["tokens"]),
             strategy_token_ids=tuple(strategies["token_ids"]),

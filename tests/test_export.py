@@ -20,7 +20,8 @@ from star_bundles import tiny_bundle, tiny_checkpoint
 from star_export import exporter
 from star_export.cli import main as export_main
 from star_export.validate import ValidationError
-from star_runtime import Runtime
+from star_export.weights import ExportError
+from star_runtime import BundleError, Runtime
 from star_runtime.bundle import FORMAT_VERSION, MANIFEST_FILE, load_manifest
 from star_runtime.selfcheck import STEPS as SELFCHECK_STEPS
 from star_training.checkpoint import load_model
@@ -134,8 +135,8 @@ def test_every_weight_is_stored_once(model, tmp_path_factory, tokenizer_dir, pre
 def test_export_refuses_a_bundle_that_disagrees(ckpt, tmp_path, monkeypatch):
     real = exporter.stored_arrays
 
-    def broken(model, precision):
-        arrays = real(model, precision)
+    def broken(model, precision, output_ids=None):
+        arrays = real(model, precision, output_ids)
         arrays["dec.0.ln1.gamma"] = arrays["dec.0.ln1.gamma"] * 1.1  # a 10% error in one LayerNorm
         return arrays
 
@@ -298,8 +299,8 @@ def test_validation_cannot_pass_on_nan(ckpt, tmp_path, monkeypatch):
     """A NaN that reaches the graphs (one LayerNorm gamma) fails the check against PyTorch."""
     real = exporter.stored_arrays
 
-    def broken(model, precision):
-        arrays = real(model, precision)
+    def broken(model, precision, output_ids=None):
+        arrays = real(model, precision, output_ids)
         arrays["dec.0.ln1.gamma"] = np.full_like(arrays["dec.0.ln1.gamma"], np.nan)
         return arrays
 
@@ -366,3 +367,78 @@ def test_the_golden_record_is_compact_and_reproduced(tmp_path_factory, tokenizer
     gen = rt.generate(record["context_ids"], max_new_tokens=SELFCHECK_STEPS, stop_at_eos=False, repetition_penalty=1.0)
     assert sids[gen.strategy_id] == sids[int(np.argmax(record["strategy_logits"]))]
     assert gen.tokens == [s["token"] for s in record["steps"]]
+
+
+# -- a trimmed LM head -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["float32", "int8"])
+def test_a_trimmed_head_computes_the_full_heads_logits_for_its_tokens(ckpt, tmp_path, precision):
+    """`output_ids`: the head's rows are those tokens only, their logits the full head's (the
+    exporter validates against PyTorch on them), and every reply token is one of them."""
+    exporter.export_bundle(ckpt, tmp_path / "full", precision=precision, log=lambda line: None)
+    full = Runtime.load(tmp_path / "full")
+    keep = np.unique(np.r_[np.random.default_rng(0).integers(4, full.spec.vocab_size, 300), full.spec.eos_id])
+    exporter.export_bundle(ckpt, tmp_path / "trim", precision=precision, log=lambda line: None, output_ids=keep)
+    trim = Runtime.load(tmp_path / "trim")
+    assert trim.spec.output_size == len(keep) and np.array_equal(trim.engine.output_ids, keep)
+    for ids in _prompts(full.spec.vocab_size, 4):
+        a, b = full.engine.start(ids[None]), trim.engine.start(ids[None])
+        for token in (full.spec.bos_id, 9, 10):
+            a.step(token)
+            b.step(token)
+            limit = 1e-5 if precision == "float32" else 0.05 * max(1.0, float(np.abs(a.logits).max()))
+            assert np.abs(b.logits - a.logits[keep]).max() <= limit
+        reply = trim.generate(ids, max_new_tokens=12, do_sample=True, seed=1)
+        assert set(reply.tokens) <= set(keep.tolist())
+    assert trim.batched(2).generate([5, 6, 7], max_new_tokens=3).tokens == trim.generate([5, 6, 7], max_new_tokens=3).tokens
+
+
+def test_a_trimmed_heads_tokens_must_hold_end_of_reply(ckpt, tmp_path):
+    with pytest.raises(ExportError, match="__end__ among them"):
+        exporter.export_bundle(ckpt, tmp_path / "out", log=lambda line: None, output_ids=[5, 6, 7])
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bundle_with_a_bad_token_table_is_refused(ckpt, tmp_path):
+    """A hand-edited id table (not increasing, or without __end__) is one clear refusal."""
+    out = tmp_path / "trim"
+    exporter.export_bundle(ckpt, out, log=lambda line: None, output_ids=list(range(4, 40)) + [2])
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    table = manifest["shared_tensors"]["lm.ids"]
+    weights = bytearray((out / "weights.bin").read_bytes())
+    ids = np.frombuffer(bytes(weights[table["offset"]:table["offset"] + table["length"]]), np.int32).copy()
+    ids[[0, 1]] = ids[[1, 0]]  # no longer increasing
+    weights[table["offset"]:table["offset"] + table["length"]] = ids.tobytes()
+    (out / "weights.bin").write_bytes(bytes(weights))
+    with pytest.raises(BundleError, match="id table"):
+        Runtime.load(out, verify=False)
+    manifest["io"]["output_size"] = manifest["io"]["vocab_size"]
+    (out / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no id table"):
+        load_manifest(out, verify=False)
+
+
+def test_cli_trims_the_head_to_the_training_targets(ckpt, tmp_path, capsys):
+    from esconv_fixture import write_esconv
+
+    from star_export.output_vocab import training_target_ids
+    from star_runtime.tokenizer import Tokenizer
+
+    data = write_esconv(tmp_path / "esconv")
+    code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "b"), "--trim-vocab", str(data))
+    assert code == 0, err
+    kept, _ = training_target_ids(Tokenizer.from_dir(ckpt), data)
+    assert "the LM head keeps" in err and np.array_equal(Runtime.load(tmp_path / "b").engine.output_ids, kept)
+    code, err = _cli(capsys, "--checkpoint", str(ckpt), "--out", str(tmp_path / "c"), "--trim-vocab",
+                     str(tmp_path / "nowhere"))
+    assert code != 0 and err.startswith("star-export: error:") and err.count("\n") == 1, err
+
+
+def test_a_trimmed_bundle_does_not_dequantize(ckpt, tmp_path, capsys):
+    """Its head keeps the bias of its own tokens only: rebuilding a checkpoint from it would invent the rest."""
+    from star_export.dequantize import main as dequantize_main
+
+    exporter.export_bundle(ckpt, tmp_path / "trim", log=lambda line: None, output_ids=list(range(4, 40)) + [2])
+    assert dequantize_main([str(tmp_path / "trim"), str(tmp_path / "ckpt")]) == 2
+    assert "trimmed" in capsys.readouterr().err and not (tmp_path / "ckpt").exists()
