@@ -112,10 +112,13 @@ class Artifacts:
     """Builds (or finds) each backend's files under `work_dir`."""
 
     def __init__(self, work_dir: Path, source: ModelSource, seed: int, log: Callable[[str], None], *,
-                 validate: bool = True) -> None:
+                 validate: bool = True, trim_vocab: Path | None = None) -> None:
         """validate: let star-export run its self-check (bundle against PyTorch); --quick skips it
-        (7 of its 56 s on the loaded CI machine), the tests of star-export cover it."""
+        (7 of its 56 s on the loaded CI machine), the tests of star-export cover it. trim_vocab:
+        export the bundles with the LM head trimmed to the tokens of this ESConv folder's train
+        responses (star-export --trim-vocab)."""
         self.work_dir, self.source, self.seed, self.log, self.validate = work_dir, source, seed, log, validate
+        self.trim_vocab = trim_vocab
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self._done: set[str] = set()  # folders checked or built in this run
         versions = library_versions()
@@ -238,12 +241,18 @@ class Artifacts:
         name = f"bundle-{precision}" + ("" if star else "-nostar")
 
         def build(path: Path) -> None:
+            from star_export.exporter import checkpoint_tokenizer
+            from star_export.output_vocab import training_target_ids
+
             try:
+                output_ids = None
+                if self.trim_vocab is not None:
+                    output_ids, _ = training_target_ids(checkpoint_tokenizer(checkpoint), self.trim_vocab)
                 export_bundle(checkpoint, path, precision=precision, validate=self.validate,
-                              log=lambda line: self.log(f"  {line}"))
-            except ExportError as e:
+                              log=lambda line: self.log(f"  {line}"), output_ids=output_ids)
+            except (ExportError, OSError, ValueError) as e:
                 raise BenchmarkError(f"star-export failed for {name}: {e}") from None
 
         key = {"bundle_of": str(checkpoint), "precision": precision, "validated": self.validate,
-               "exporter": exporter_fingerprint()}
+               "exporter": exporter_fingerprint(), "trim_vocab": str(self.trim_vocab) if self.trim_vocab else None}
         return self._cached(name, key, build)

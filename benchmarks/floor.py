@@ -104,9 +104,10 @@ def measure(threads: int, s: int, d: int, f: int, nbytes: int = BANDWIDTH_BYTES)
 
 def estimate(config: dict[str, int], context_len: int, reply_len: int, measured: dict[str, Any]) -> dict[str, Any]:
     """The floor of a reply in float32 and int8 (module docstring); `config` holds the model's
-    d_model, *_layers, *_ffn_dim and vocab_size."""
+    d_model, *_layers, *_ffn_dim and vocab_size, and output_size where the LM head is trimmed."""
     d, f_dec, f_enc = config["d_model"], config["decoder_ffn_dim"], config["encoder_ffn_dim"]
-    l_enc, l_dec, v = config["encoder_layers"], config["decoder_layers"], config["vocab_size"]
+    l_enc, l_dec = config["encoder_layers"], config["decoder_layers"]
+    v = config.get("output_size", config["vocab_size"])  # the LM head's rows
     s, n = context_len, reply_len
     matrices = l_dec * (6 * d * d + 2 * d * f_dec) + 5 * d * d + v * d  # weights read per position
     columns = l_dec * (6 * d + f_dec + d) + 5 * d + v  # output columns of those matrices (int8 scales)

@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="random weights of the real BlenderBot-Small-90M configuration, even where a default bundle "
                         "is installed (which is otherwise the model, at its own size)")
     p.add_argument("--tokenizer", type=Path, help="tokenizer folder for the random model (default: the shared data)")
+    p.add_argument("--trim-vocab", type=Path, default=None, metavar="ESCONV_DIR",
+                   help="export the runtime's bundles with the LM head trimmed to the tokens of this ESConv "
+                        "folder's train responses, as the shipped default is (star-export --trim-vocab); the "
+                        "other engines compute the whole vocabulary")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and contexts")
     p.add_argument("--timeout", type=at_least(1), default=1800, help="seconds allowed per backend")
     p.add_argument("--max-other-cpu", type=share, default=None, metavar="FRACTION",
@@ -249,7 +253,7 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
                             default_bundle_first=not (args.quick or args.random_base))
     work_dir = args.work_dir or Path(tempfile.mkdtemp(prefix="star-bench-"))
     try:
-        artifacts = Artifacts(work_dir, source, args.seed, log, validate=not args.quick)
+        artifacts = Artifacts(work_dir, source, args.seed, log, validate=not args.quick, trim_vocab=args.trim_vocab)
         checkpoint = artifacts.checkpoint()
         config = model_config(checkpoint)
         positions = config["max_position_embeddings"]
@@ -260,7 +264,10 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
                  else artifacts.ctranslate2(BACKENDS[name].ctranslate2) if BACKENDS[name].ctranslate2
                  else artifacts.bundle(BACKENDS[name].precision, star=BACKENDS[name].star) for name in names}
         for name in runtimes:  # the runtime keeps the last max_source_length tokens, as in training
-            limit = json.loads((paths[name] / "manifest.json").read_text())["generation"]["max_source_length"]
+            manifest = json.loads((paths[name] / "manifest.json").read_text())
+            limit = manifest["generation"]["max_source_length"]
+            # The floor of the runtime's own LM head (a trimmed one reads fewer rows).
+            config["output_size"] = min(config.get("output_size", config["vocab_size"]), manifest["io"]["output_size"])
             if args.context_len > limit:
                 raise BenchmarkUsageError(f"{name}: the bundle reads at most {limit} context tokens, not "
                                      f"--context-len {args.context_len}")
@@ -291,7 +298,8 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
                      "seed": args.seed, "decoding": f"greedy, repetition penalty {REPETITION_PENALTY}, fixed length"},
         "model": {"description": source.description, "config": {k: config[k] for k in (
             "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size",
-            "max_position_embeddings")}},
+            "max_position_embeddings")}, "lm_head_rows": config.get("output_size", config["vocab_size"]),
+            "trim_vocab": str(args.trim_vocab) if args.trim_vocab else None},
         "backends": backends,
         "floor": {"measured": measured, **estimate(config, args.context_len, args.reply_len, measured)},
     }
