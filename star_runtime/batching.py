@@ -11,9 +11,7 @@ StepBatcher is a `decoding.Decoder`); its run's `step` hands the token to the ba
 A step runs as soon as every row's thread has handed in its token, or when no token has come
 for `window` seconds, with the rows that have: sequences join and leave between steps, and one
 slow thread (a safety screen, a slow client) holds the others up by at most `window` once the
-rest are in. (A deadline from the first token instead split 16 threads, whose host work the GIL
-runs one after the other, into steps of 1.8 rows on average.) The thread whose token completes
-the step runs it; the others sleep until it is done.
+rest are in. The thread whose token completes the step runs it; the others sleep until it is done.
 
 A step computes at least two rows (a spare idle one when a sequence is alone): onnxruntime's
 matmuls take another path for a single row, whose results differ in the last bits (float32,
@@ -26,7 +24,7 @@ cross-attention K, V [R, N, S, H] (S = max_source_length; row b's first n_b are 
 step's source_length masks the rest), STAR's state, and the step's inputs and outputs. The
 active rows are always rows 0..b-1, so a step binds the first b rows of every buffer (C-contiguous
 slices, no copy); a sequence that leaves is replaced by the last row (its filled cache positions
-copied, about 1 ms for the 90M model at 40 positions). Rows are computed independently by every
+copied). Rows are computed independently by every
 op of the step, so a sequence's tokens do not depend on what else is in the batch
 (tests/test_batching.py: greedy and sampled, alone and among others, token for token).
 
@@ -51,7 +49,9 @@ from star_runtime.spec import HOST_OUTPUTS, STEP_INPUTS
 
 # How long a step waits after the last token came for rows whose token has not. A row's host work
 # between two steps (choosing a sampled token from 54,952 logits: about 0.5 ms) is done by its
-# own thread under the GIL, so tokens come about 0.5 ms apart while rows are still busy.
+# own thread under the GIL, so tokens come about 0.5 ms apart while rows are still busy. (A
+# deadline counted from a step's first token instead split 16 threads into steps of 1.8 rows on
+# average: the GIL runs their host work one after the other.)
 WINDOW_S = 0.003
 
 
