@@ -334,7 +334,7 @@ def test_command_line_errors_are_one_line_and_exit_2(tmp_path):
         busy.listen()
         _one_line_error(run("--port", str(busy.getsockname()[1])), "already in use")
     for bad in (["--port", "http"], ["--port", "70000"], ["--timeout", "0"], ["--max-queue", "-1"],
-                ["--device", "tpu"], ["--api-key", ""]):
+                ["--device", "tpu"], ["--api-key", ""], ["--batch", "0"], ["--batch", "65"]):
         done = run(*bad)
         assert done.returncode == 2 and "Traceback" not in done.stderr, (bad, done.stderr)
 

@@ -44,6 +44,7 @@ MAX_QUEUE = 32
 # Replies decoded together on the CPU: the 8 health workers of a clinic box (docs/serve.md has
 # 1 to 16). The rows' cache pages are mapped as their positions fill.
 BATCH = 8
+MAX_BATCH = 64  # a decoding thread per reply; 16 rows already cost 1.7x 8 rows per step (90M int8)
 TIMEOUT_S = 30.0
 
 
@@ -51,6 +52,14 @@ def _positive_int(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
     return int(text)
+
+
+def _batch(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_BATCH:
+        raise argparse.ArgumentTypeError(f"at most {MAX_BATCH} replies are decoded together (a thread each), "
+                                         f"not {value}")
+    return value
 
 
 def _port(text: str) -> int:
@@ -88,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "process listing does not show)")
     p.add_argument("--timeout", type=_seconds, default=TIMEOUT_S,
                    help=f"seconds a request may take, waiting in the queue included (default {TIMEOUT_S:g})")
-    p.add_argument("--batch", type=_positive_int, default=None, metavar="N",
+    p.add_argument("--batch", type=_batch, default=None, metavar="N",
                    help="replies decoded together, one decoder step for all (continuous batching; default "
                         f"{BATCH} on cpu, 1 on cuda, where batching is not built)")
     p.add_argument("--max-queue", type=_positive_int, default=MAX_QUEUE,
