@@ -192,3 +192,24 @@ def test_a_batched_runtime_passes_the_self_check_through_its_batch(brt, monkeypa
     monkeypatch.setattr(batching.DecodeBatch, "step", off)
     with pytest.raises(BundleError, match=r"\(batched\): the self-check failed"):
         brt.batched(2)
+
+
+def test_the_cross_buffers_grow_with_the_longest_context_and_keep_the_rows(brt):
+    """A longer context joining re-lays the cross buffers out; the rows already there go on with
+    the same results as in a batch that had room from the start."""
+    ids = _contexts(brt, 1, seed=6)[0] * brt.spec.max_source_length  # long enough for any cut
+    short, long_ = np.asarray([ids[:5]]), np.asarray([ids[:brt.spec.max_source_length]])
+    grown, roomy = DecodeBatch(brt.engine, rows=2), DecodeBatch(brt.engine, rows=2)
+    roomy._fit_source(brt.spec.max_source_length)
+    for batch in (grown, roomy):
+        batch.add(brt.engine.encode(short), short.shape[1])
+    assert grown.source < roomy.source
+    for batch in (grown, roomy):
+        batch.step({0: brt.spec.bos_id})
+        batch.add(brt.engine.encode(long_), long_.shape[1])
+        batch.step({0: 7, 1: brt.spec.bos_id})
+    assert grown.source == roomy.source
+    assert np.array_equal(grown.logits[:2], roomy.logits[:2])
+    grown.remove(1)
+    grown.remove(0)
+    assert grown.source == 0 and not grown.cross  # empty: the next rows start small again
