@@ -119,6 +119,8 @@ class DecodeBatch:
             for buffer in self.state[0].values():
                 buffer[row] = buffer[last]
             self.position[row], self.source_length[row] = filled, own
+        # The freed row may be stepped as the spare one: it must read inside the buffers.
+        self.position[last], self.source_length[last] = 0, 1
         self.size = last
         if self.size == 0:  # the next rows start from buffers of their own length
             self.cross, self.source = {}, 0

@@ -213,3 +213,23 @@ def test_the_cross_buffers_grow_with_the_longest_context_and_keep_the_rows(brt):
     grown.remove(1)
     grown.remove(0)
     assert grown.source == 0 and not grown.cross  # empty: the next rows start small again
+
+
+def test_a_freed_row_stepped_as_the_spare_one_reads_inside_the_buffers(brt):
+    """A long context leaves, the batch empties, a short one comes alone: the spare row that runs
+    beside it (two rows at least) must not keep the long one's key count."""
+    ids = _contexts(brt, 1, seed=7)[0] * brt.spec.max_source_length
+    long_, short = np.asarray([ids[:brt.spec.max_source_length]]), np.asarray([ids[:3]])
+    batch = DecodeBatch(brt.engine, rows=2)
+    for c in (short, long_):
+        batch.add(brt.engine.encode(c), c.shape[1])
+    batch.step({0: brt.spec.bos_id, 1: brt.spec.bos_id})
+    batch.remove(1)
+    batch.remove(0)
+    batch.add(brt.engine.encode(short), short.shape[1])
+    assert batch.source < brt.spec.max_source_length and list(batch.source_length) == [3, 1]
+    batch.step({0: brt.spec.bos_id})
+    alone = brt.engine.start(short)
+    alone.step(brt.spec.bos_id)
+    limit = 1e-4 if brt.spec.precision == "float32" else 0.05 * max(1.0, float(np.abs(alone.logits).max()))
+    assert np.abs(batch.logits[0] - alone.logits).max() <= limit
