@@ -324,8 +324,9 @@ def banner(rt: Runtime) -> Panel:
     """Which model, on which device, and what it is not."""
     cfg, precision = rt.manifest["model_config"], rt.manifest["precision"]
     star = "STAR on" if cfg.get("star", {}).get("use_star", True) else "STAR off (BlenderBot-Joint)"
+    head = "" if rt.spec.output_size == rt.spec.vocab_size else f" (replies use the {rt.spec.output_size:,} it was trained on)"
     summary = printable(f"{cfg['model_type']}, {precision}, d_model {cfg['d_model']}, {cfg['encoder_layers']}+"
-                        f"{cfg['decoder_layers']} layers, vocabulary {cfg['vocab_size']:,}, {star}")
+                        f"{cfg['decoder_layers']} layers, vocabulary {cfg['vocab_size']:,}{head}, {star}")
     body = Text.assemble(("model   ", "bold"), printable(Path(rt.path).resolve()), "\n", ("config  ", "bold"), summary, "\n",
                          ("device  ", "bold"), rt.device, "\n\n", (DISCLAIMER, "yellow"), "\n\n",
                          ("/help lists the commands; Ctrl-D or /quit ends the session", "dim"))
