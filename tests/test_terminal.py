@@ -72,7 +72,7 @@ def _runtime() -> SimpleNamespace:
                                  "decoder_layers": 1, "vocab_size": 10, "star": {}},
                 "precision": "float32"}
     return SimpleNamespace(path=Path("/tmp") / ("bundle" + TITLE), device="cpu", manifest=manifest,
-                           conversation=lambda **kw: _Conversation())
+                           spec=SimpleNamespace(vocab_size=10, output_size=7), conversation=lambda **kw: _Conversation())
 
 
 def test_star_chat_session_prints_no_control_characters(monkeypatch) -> None:
