@@ -240,13 +240,13 @@ class DecodeRun:
         device = engine.device
         dtype = np.dtype(spec.float_dtype)
         n, hd, d = spec.decoder_heads, spec.head_dim, spec.d_model
-        # Inputs written in place before every step (the binding keeps pointers to them).
+        # The host's inputs: the binding keeps pointers to them, so they live as long as the run
+        # (ids and position are written in place before every step).
         self._ids = np.zeros((1, 1), np.int64)
         self._pos = np.zeros((1,), np.int32)
-        names = dict(zip(("ids", "position", "source_length"), STEP_INPUTS))
-        io.bind_cpu_input(names["ids"], self._ids)
-        io.bind_cpu_input(names["position"], self._pos)
-        io.bind_cpu_input(names["source_length"], np.array([source_length], np.int32))
+        self._source = np.array([source_length], np.int32)
+        for name, array in zip(STEP_INPUTS, (self._ids, self._pos, self._source)):
+            io.bind_cpu_input(name, array)
         _bind_shared(io, engine.step, engine.inputs)
         for name, past in spec.cross().items():
             io.bind_ortvalue_input(past, cross[name])
