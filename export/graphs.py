@@ -150,8 +150,8 @@ class _Ops:
         0..past_length[b] - 1 and to itself, whose k, v the op writes at index past_length[b] of
         `cache` (in place when the runtime binds `present` to the same buffers)."""
         b = self.b
-        q, k, v = b.op("Split", [self.dense(x, prefix)], 3, axis=2)
-        return b.op("GroupQueryAttention", [q, k, v, *cache, past_length, total_length],
+        qkv = self.dense(x, prefix)  # [B, 1, 3d], read packed: no Split op (2% of a 90M int8 step)
+        return b.op("GroupQueryAttention", [qkv, "", "", *cache, past_length, total_length],
                     [b.fresh("attn"), *present], domain=MS_DOMAIN, num_heads=heads, kv_num_heads=heads)[0]
 
 
@@ -175,12 +175,15 @@ def encoder_graph(b: GraphBuilder, dims: Dims, precision: str) -> None:
         with b.named(p + ".ffn"):
             x = o.ffn(x, p, p + ".ln2")
     n, hd = dims.decoder_heads, dims.d_model // dims.decoder_heads
-    names = [name for i in range(dims.decoder_layers) for name in kv_names(i, "encoder")[2:]]
-    with b.named("cross_kv"):
-        kv = o.dense(x, "dec.cross_kv")  # [B, S, 2 L d]
-        kv = b.op("Reshape", [kv, b.const([0, 0, 2 * dims.decoder_layers * n, hd])])  # [B, S, 2 L N, H]
-        kv = b.op("Transpose", [kv], perm=[0, 2, 1, 3])  # [B, 2 L N, S, H]
-        b.op("Split", [kv], names, axis=1)
+    names = []
+    for i in range(dims.decoder_layers):
+        with b.named(f"dec.{i}.cross_kv"):
+            kv = o.dense(x, f"dec.{i}.cross_kv")  # [B, S, 2d]
+            kv = b.op("Reshape", [kv, b.const([0, 0, 2 * n, hd])])  # [B, S, 2N, H]
+            kv = b.op("Transpose", [kv], perm=[0, 2, 1, 3])  # [B, 2N, S, H]
+            layer = list(kv_names(i, "encoder")[2:])
+            b.op("Split", [kv], layer, axis=1)
+            names += layer
     for name in names:
         b.output(name, name, o.float, ["batch", n, "source", hd])
 

@@ -151,18 +151,23 @@ def weights_fingerprint(folder: Path, manifest: dict[str, Any]) -> str | None:
 
 
 def read_shared_tensors(folder: Path, manifest: dict[str, Any]) -> dict[str, np.ndarray]:
-    """The tensors both graphs read (the token embedding), each read once from weights.bin.
+    """The tensors both graphs read (the token embedding), each a read-only mapping of weights.bin.
 
     They are handed to every session with `SessionOptions.add_initializer`, so memory holds one
-    copy however many graphs use them. The schema bounds every offset and length by the file size.
+    copy however many graphs use them. Mapped, not read: an int8 bundle's graphs only gather rows
+    of the embedding, so only the pages of tokens a conversation uses become resident (peak RSS of
+    a 90M reply 231 -> 204 MB; the whole embedding is 28 MB). The bundle's files must then not be
+    changed in place while it is open (the exporter replaces a bundle by renaming a new folder
+    over it, which leaves an open one intact). The schema bounds every offset and length by the
+    file size.
     """
+    path = contained(folder, manifest["graphs"]["weights"])
+    size = path.stat().st_size
     out = {}
-    with open(contained(folder, manifest["graphs"]["weights"]), "rb") as f:
-        for name, spec in manifest["shared_tensors"].items():
-            dtype = np.dtype(spec["dtype"])
-            f.seek(spec["offset"])
-            data = np.fromfile(f, dtype=dtype, count=spec["length"] // dtype.itemsize)
-            if data.nbytes != spec["length"]:
-                raise BundleError(f"{folder}: {WEIGHTS_FILE} ends inside shared tensor {name}")
-            out[name] = data.reshape(spec["shape"])  # sessions keep a pointer: the array must outlive them
+    for name, spec in manifest["shared_tensors"].items():
+        dtype = np.dtype(spec["dtype"])
+        if spec["offset"] + spec["length"] > size:
+            raise BundleError(f"{folder}: {WEIGHTS_FILE} ends inside shared tensor {name}")
+        data = np.memmap(path, dtype=dtype, mode="r", offset=spec["offset"], shape=spec["length"] // dtype.itemsize)
+        out[name] = data.reshape(spec["shape"])  # sessions keep a pointer: the array must outlive them
     return out

@@ -6,8 +6,8 @@
     logits = run.step(strategy_token)                     # position 1: h'_1 -> first response token
     ...
 
-Memory: the token embedding, read by both graphs, is read once from weights.bin into one array
-that both sessions use: float bundles take E^T as a graph input (bound to the same value in every
+Memory: the token embedding, read by both graphs, is one read-only mapping of weights.bin that
+both sessions use (star_runtime.bundle.read_shared_tensors): float bundles take E^T as a graph input (bound to the same value in every
 run, so never copied or prepacked), int8 bundles get E_q with `SessionOptions.add_initializer`.
 Every other weight belongs to one graph only. The strategy head (8 rows of the LM head, used once
 per reply) is taken from that array too: `StrategyHead`.
