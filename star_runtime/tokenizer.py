@@ -75,9 +75,12 @@ class Tokenizer:
     files: the size of the model's embedding).
     """
 
-    def __init__(self, encoder: dict[str, int], merges: list[tuple[str, str]]) -> None:
+    def __init__(self, encoder: dict[str, int], merges: list[str]) -> None:
+        """encoder: vocab.json's token -> id; merges: merges.txt's pairs in rank order, each "a b"."""
         self._encoder = encoder
         # A pair listed twice keeps its later rank, as in the reference (dict(zip(merges, range))).
+        # Keyed by the line's "a b" string, not an (a, b) tuple: the 50k tuples and their strings
+        # held 7 MB more.
         self._ranks = {pair: rank for rank, pair in enumerate(merges)}
         self._merges = merges
         base = len(encoder)
@@ -85,7 +88,9 @@ class Tokenizer:
         self.vocab_size = base + len(STRATEGIES)
         self.pad_id, self.bos_id, self.eos_id, self.unk_id = (encoder[t] for t in (PAD, BOS, EOS, UNK))
         self._added = {t: encoder[t] for t in (PAD, BOS, EOS, UNK)} | dict(zip(STRATEGIES, self.strategy_ids))
-        self._decoder = {i: t for t, i in encoder.items()} | {i: t for t, i in self._added.items()}
+        self._decoder = [UNK] * self.vocab_size  # id -> token (a list: ids are 0..V-1; a dict held 2.5 MB)
+        for t, i in (encoder | self._added).items():
+            self._decoder[i] = t
         self._strategy_tokens = frozenset(STRATEGIES)
         self._reserved = frozenset((PAD, BOS, EOS, UNK))  # BPE pieces that would be special ids
         self._cache: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {}
@@ -134,10 +139,10 @@ class Tokenizer:
         # final newline), whatever they hold.
         merges = []
         for lineno, line in enumerate(lines[1:-1], start=2):
-            pair = tuple(line.split())
+            pair = line.split()
             if len(pair) != 2:
                 raise TokenizerError(f"{merges_file}:{lineno}: expected two symbols, got {line!r}")
-            merges.append(pair)
+            merges.append(line if pair[0] + " " + pair[1] == line else " ".join(pair))
         tokenizer = cls(encoder, merges)
         if "added_tokens.json" in files:
             added_file = folder / "added_tokens.json"
@@ -173,7 +178,7 @@ class Tokenizer:
         }
         files = {
             "vocab.json": dump(self._encoder, sort_keys=True),
-            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{pair}\n" for pair in self._merges),
             "added_tokens.json": dump(dict(zip(STRATEGIES, self.strategy_ids))),
             "special_tokens_map.json": dump(
                 {"additional_special_tokens": [{"content": t, **flags} for t in STRATEGIES], **specials}
@@ -199,14 +204,14 @@ class Tokenizer:
         n = len(sym)
         nxt, prv = list(range(1, n + 1)), list(range(-1, n - 1))  # linked list; n / -1 = none
         ranks = self._ranks
-        heap = [(r, i) for i in range(n - 1) if (r := ranks.get((sym[i], sym[i + 1]))) is not None]
+        heap = [(r, i) for i in range(n - 1) if (r := ranks.get(f"{sym[i]} {sym[i + 1]}")) is not None]
         heapq.heapify(heap)
         while heap:
             rank, merged = heap[0][0], []
             while heap and heap[0][0] == rank:
                 i = heapq.heappop(heap)[1]
                 j = nxt[i]
-                if sym[i] is None or j == n or ranks.get((sym[i], sym[j])) != rank:
+                if sym[i] is None or j == n or ranks.get(f"{sym[i]} {sym[j]}") != rank:
                     continue  # stale: one side was merged since this pair was pushed
                 sym[i] += sym[j]
                 sym[j] = None
@@ -216,7 +221,7 @@ class Tokenizer:
                 merged.append(i)
             for i in merged:
                 for a, b in ((prv[i], i), (i, nxt[i])):
-                    if a >= 0 and b < n and (r := ranks.get((sym[a], sym[b]))) is not None:
+                    if a >= 0 and b < n and (r := ranks.get(f"{sym[a]} {sym[b]}")) is not None:
                         heapq.heappush(heap, (r, a))
         pieces = [s for s in sym if s is not None]
         return [p + "@@" for p in pieces[:-1]] + [pieces[-1][:-4]]
@@ -255,7 +260,8 @@ class Tokenizer:
         return self._encoder.get(token.lower(), self.unk_id)
 
     def id_to_token(self, token_id: int) -> str:
-        return self._decoder.get(int(token_id), UNK)
+        i = int(token_id)
+        return self._decoder[i] if 0 <= i < self.vocab_size else UNK
 
     # ---------------------------------------------------------------- decode
     def _skipped(self, token: str, skip_special_tokens: bool) -> bool:
