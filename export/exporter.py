@@ -33,8 +33,8 @@ from star_export.graphs import encoder_graph, step_graph
 from star_export.validate import validate_bundle
 from star_export.weights import EMBED, EMBED_SCALE, EMBED_T, Dims, ExportError, stored_arrays
 from star_runtime.atomic import write_text_atomically
-from star_runtime.bundle import (ENCODER_FILE, FORMAT_VERSION, MANIFEST_FILE, PRECISIONS, STEP_FILE, WEIGHTS_FILE,
-                                 file_entry, load_manifest)
+from star_runtime.bundle import (ENCODER_FILE, FORMAT_VERSION, MANIFEST_FILE, OLDEST_FORMAT_VERSION, PRECISIONS, STEP_FILE,
+                                 WEIGHTS_FILE, file_entry, load_manifest)
 from star_runtime.engine import Engine
 from star_runtime.manifest import MAX_MANIFEST_BYTES, BundleError, parse
 from star_runtime.sampling import DecodingOptions
@@ -106,9 +106,11 @@ def write_graphs(folder: Path, model: StarForConditionalGeneration, precision: s
         onnx.save(builder.model(WEIGHTS_FILE), str(folder / file))
         onnx.checker.check_model(str(folder / file))  # by path: it reads weights.bin beside the graph
     fingerprint = weights.fingerprint
-    # How the runtime hands the embedding to both graphs (graphs.py, _Ops.embed): float bundles take
-    # E^T as a graph input; int8 ones as initializers given once with SessionOptions.add_initializer.
-    shared = {EMBED: "initializer", EMBED_SCALE: "initializer"} if precision == "int8" else {EMBED_T: "input"}
+    # How the runtime hands the embedding to both graphs (graphs.py, _Ops.embed): E^T (float, whole
+    # LM head) as a graph input; E or E_q and its scales as initializers given once with
+    # SessionOptions.add_initializer.
+    shared = {name: "input" if name == EMBED_T else "initializer"
+              for name in (EMBED, EMBED_SCALE, EMBED_T) if name in weights.tensors}
     if output_ids is not None:
         shared[OUTPUT_IDS] = "host"  # the runtime's map from logits to tokens
     return {
@@ -221,8 +223,9 @@ def replaceable(out: Path) -> str | None:
     files = manifest.get("files")
     if manifest.get("producer") != "star-export" or not isinstance(files, dict):
         return f"its {MANIFEST_FILE} was not written by star-export"
-    if not isinstance(manifest.get("format_version"), int) or manifest["format_version"] == FORMAT_VERSION:
-        try:  # the current format: the whole schema and every size must hold
+    if not isinstance(manifest.get("format_version"), int) or (
+            OLDEST_FORMAT_VERSION <= manifest["format_version"] <= FORMAT_VERSION):
+        try:  # a format this star_runtime reads: the whole schema and every size must hold
             load_manifest(out, verify=False)
         except BundleError as err:
             return f"it is not a valid bundle ({err})"

@@ -85,11 +85,14 @@ class _Ops:
     def embed(self, ids: str, scale: float = 1.0) -> str:
         """E[ids] * scale for ids [B, S]: [B, S, d].
 
-        float: columns of the input E^T (Gather on axis 1, then [d, B, S] -> [B, S, d]);
-        int8: rows of E_q [V, d/B, B], dequantized: (q - 128) * scale of each block.
+        float: rows of E [V, d] (a trimmed head), else columns of the input E^T (Gather on axis 1,
+        then [d, B, S] -> [B, S, d]); int8: rows of E_q [V, d/B, B], dequantized: (q - 128) * scale
+        of each block.
         """
         b = self.b
-        if self.precision == "int8":
+        if self.precision != "int8" and EMBED in b.weights.tensors:
+            rows = b.op("Gather", [b.weight(EMBED), ids])
+        elif self.precision == "int8":
             rows = b.op("Add", [b.op("Cast", [b.op("Gather", [b.weight(EMBED), ids])], to=1),  # to=1: float32
                                 b.const([-128.0], np.float32)])  # [B, S, d/B, B]
             scales = b.op("Unsqueeze", [b.op("Gather", [b.weight(EMBED_SCALE), ids]), b.const([-1])])  # [B, S, d/B, 1]

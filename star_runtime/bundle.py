@@ -29,8 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from star_runtime.manifest import (FORMAT_VERSION, MAX_MANIFEST_BYTES, PRECISIONS, BundleError, parse,
-                                   validate)
+from star_runtime.manifest import (FORMAT_VERSION, MAX_MANIFEST_BYTES, OLDEST_FORMAT_VERSION, PRECISIONS, BundleError,
+                                   parse, validate)
 
 MANIFEST_FILE = "manifest.json"
 ENCODER_FILE = "encoder.onnx"
@@ -44,8 +44,9 @@ FINGERPRINT_KEY = "star_fingerprint"  # the graphs' metadata_props entry
 _CHUNK = 1 << 22
 
 __all__ = ["ALIGNMENT", "BundleError", "ENCODER_FILE", "FINGERPRINT_KEY", "FORMAT_VERSION", "MANIFEST_FILE",
-           "PRECISIONS", "STEP_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "WEIGHTS_HEADER", "contained", "file_entry",
-           "load_manifest", "read_file", "read_shared_tensors", "sha256_file", "weights_fingerprint", "weights_header"]
+           "OLDEST_FORMAT_VERSION", "PRECISIONS", "STEP_FILE", "TOKENIZER_FILES", "WEIGHTS_FILE", "WEIGHTS_HEADER",
+           "contained", "file_entry", "load_manifest", "read_file", "read_shared_tensors", "sha256_file",
+           "weights_fingerprint", "weights_header"]
 
 
 def sha256_file(path: Path) -> str:

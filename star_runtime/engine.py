@@ -7,8 +7,9 @@
     ...
 
 Memory: the token embedding, read by both graphs, is one read-only mapping of weights.bin that
-both sessions use (star_runtime.bundle.read_shared_tensors): float bundles take E^T as a graph input (bound to the same value in every
-run, so never copied or prepacked), int8 bundles get E_q with `SessionOptions.add_initializer`.
+both sessions use (star_runtime.bundle.read_shared_tensors): float bundles with the whole LM head
+take E^T as a graph input (bound to the same value in every run, so never copied or prepacked);
+the others get E (float, trimmed head) or E_q (int8) with `SessionOptions.add_initializer`.
 Every other weight belongs to one graph only. The strategy head (8 rows of the LM head, used once
 per reply) is taken from that array too: `StrategyHead`.
 
@@ -97,8 +98,10 @@ class StrategyHead:
     @classmethod
     def from_shared(cls, spec: BundleSpec, shared: dict[str, np.ndarray]) -> StrategyHead:
         ids = list(spec.strategy_token_ids)
-        if "embed.weight_t" in shared:  # float bundles: E^T [d, V]
+        if "embed.weight_t" in shared:  # float bundles with the whole LM head: E^T [d, V]
             weight = shared["embed.weight_t"][:, ids].T
+        elif "embed.weight.scale" not in shared:  # float, trimmed head: E [V, d]
+            weight = shared["embed.weight"][ids]
         else:  # int8: E_q uint8 [V, d/B, B] and scales [V, d/B] (export/weights.py)
             q, scale = shared["embed.weight"][ids].astype(np.float64), shared["embed.weight.scale"][ids]
             weight = ((q - 128) * scale[..., None]).reshape(len(ids), -1)

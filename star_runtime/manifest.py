@@ -1,10 +1,13 @@
 """The manifest schema: what `manifest.json` holds, checked field by field on load.
 
 One schema for the exporter, which writes it, and the runtime, which validates it before it uses
-any value (docs/bundle.md lists every field). Format version 3:
+any value (docs/bundle.md lists every field). Format version 4, and 3, which it reads too:
 
-    format_version     3 (an integer; version 1 bundles had no fingerprint and no self-check, version 2
-                       decoded one sequence per step and copied its KV cache at every token)
+    format_version     4 (an integer; version 3 stored a float embedding transposed even when the
+                       LM head was trimmed, so a version-3 reader cannot load a float trimmed
+                       bundle of version 4; version 1 bundles had no fingerprint and no
+                       self-check, version 2 decoded one sequence per step and copied its KV cache
+                       at every token)
     producer           "star-export"
     precision          "float32" | "int8" | "float16";  devices: the devices it runs on
     graphs             {"encoder", "step", "weights"}: names of files listed in `files`
@@ -37,7 +40,8 @@ from typing import Any
 from star_runtime.json_bytes import JSONBytesError, decode_json
 from star_runtime.spec import OUTPUT_IDS
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # what star-export writes
+OLDEST_FORMAT_VERSION = 3  # the oldest this star_runtime reads
 PRECISIONS = {"float32": ("cpu", "cuda"), "int8": ("cpu",), "float16": ("cuda",)}
 DTYPES = {"float32": 4, "float16": 2, "int8": 1, "uint8": 1, "int64": 8, "int32": 4}  # itemsize, bytes
 BINDINGS = ("input", "initializer", "host")  # a graph input, an initializer of both graphs, or the host's
@@ -162,10 +166,11 @@ def check_version(manifest: dict[str, Any], source: str, folder: str) -> None:
         raise BundleError(
             f"{folder}: bundle format version {version} is newer than this star_runtime reads "
             f"({FORMAT_VERSION}); upgrade star_runtime or re-export with a matching star-export")
-    if version < FORMAT_VERSION:
+    if version < OLDEST_FORMAT_VERSION:
         raise BundleError(
-            f"{folder}: bundle format version {version} is older than this star_runtime reads ({FORMAT_VERSION}: "
-            "its decoder step batches sequences at their own positions and writes the KV cache in place); "
+            f"{folder}: bundle format version {version} is older than this star_runtime reads "
+            f"({OLDEST_FORMAT_VERSION} to {FORMAT_VERSION}: from 3 on the decoder step batches sequences at their "
+            "own positions and writes the KV cache in place); "
             "re-export it from its checkpoint with this star-export")
 
 

@@ -202,7 +202,7 @@ def test_cli_bad_inputs(ckpt, tmp_path, capsys):
 
 def test_manifest_describes_the_bundle(bundle, tokenizer_dir):
     manifest = json.loads((bundle / MANIFEST_FILE).read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 3 and manifest["precision"] == "float32"
+    assert manifest["format_version"] == FORMAT_VERSION == 4 and manifest["precision"] == "float32"
     assert manifest["strategies"]["labels"][0] == "Question"
     assert manifest["generation"] == {"do_sample": True, "top_p": 0.3, "top_k": 30, "temperature": 0.7,
                                       "repetition_penalty": 1.03, "max_new_tokens": 40, "max_source_length": 160}
@@ -382,11 +382,19 @@ def test_a_trimmed_head_computes_the_full_heads_logits_for_its_tokens(ckpt, tmp_
     exporter.export_bundle(ckpt, tmp_path / "trim", precision=precision, log=lambda line: None, output_ids=keep)
     trim = Runtime.load(tmp_path / "trim")
     assert trim.spec.output_size == len(keep) and np.array_equal(trim.engine.output_ids, keep)
+    shared = json.loads((tmp_path / "trim" / MANIFEST_FILE).read_text())["shared_tensors"]
+    if precision == "float32":  # the head has its own matrix, so the lookups read rows of E itself
+        assert shared["embed.weight"]["shape"] == [full.spec.vocab_size, full.spec.d_model]
+        assert "embed.weight_t" not in shared and shared["embed.weight"]["binding"] == "initializer"
     for ids in _prompts(full.spec.vocab_size, 4):
         a, b = full.engine.start(ids[None]), trim.engine.start(ids[None])
         for token in (full.spec.bos_id, 9, 10):
             a.step(token)
             b.step(token)
+            if token == full.spec.bos_id:  # the strategy head: the same 8 rows of the embedding
+                strategy_limit = 1e-5 if precision == "float32" else 0.05
+                assert np.abs(full.engine.strategy_logits(a.hidden) - trim.engine.strategy_logits(b.hidden)).max() \
+                    <= strategy_limit
             limit = 1e-5 if precision == "float32" else 0.05 * max(1.0, float(np.abs(a.logits).max()))
             assert np.abs(b.logits - a.logits[keep]).max() <= limit
         reply = trim.generate(ids, max_new_tokens=12, do_sample=True, seed=1)
