@@ -4,7 +4,9 @@
     python benchmarks/latency.py --quick --out-json q.json        # tiny model, seconds (CI)
     python benchmarks/latency.py --backends eager,runtime-int8 --threads 1 --work-dir ~/.cache/star-bench
 
-Every backend decodes the same context ids (random ordinary tokens, fixed seed; 160 by default),
+Every backend decodes the same context ids (random ordinary tokens, fixed seed; 160 by default;
+with --contexts-from, the last tokens of ESConv test conversations, which read fewer and more
+common embedding rows: peak RSS of a mapped embedding depends on it),
 greedily (repetition penalty 1.03, the project's), exactly --reply-len response tokens (the end of
 sequence is banned, so every backend does the same work), in a process of its own: warm-up
 replies, then --repeats timed ones. Per backend: time to the strategy, to the first response
@@ -149,6 +151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the runtime's bundles with the LM head trimmed to the tokens of this ESConv "
                         "folder's train responses, as the shipped default is (star-export --trim-vocab); the "
                         "other engines compute the whole vocabulary")
+    p.add_argument("--contexts-from", type=Path, default=None, metavar="ESCONV_DIR",
+                   help="contexts from this ESConv folder's test conversations (situation and every turn, the "
+                        "last --context-len tokens) instead of random tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and contexts")
     p.add_argument("--timeout", type=at_least(1), default=1800, help="seconds allowed per backend")
     p.add_argument("--max-other-cpu", type=share, default=None, metavar="FRACTION",
@@ -173,17 +178,34 @@ def parse_backends(text: str, device: str) -> list[str]:
     return names
 
 
-def context_ids(tokenizer_dir: Path, batch: int, length: int, seed: int) -> tuple[list[list[int]], dict[str, int]]:
-    """`batch` contexts of `length` ordinary tokens (no special or strategy token), and the special ids."""
+def context_ids(tokenizer_dir: Path, batch: int, length: int, seed: int,
+                esconv: Path | None = None) -> tuple[list[list[int]], dict[str, int]]:
+    """`batch` contexts of `length` ordinary tokens (no special or strategy token), and the special
+    ids: random tokens, or with `esconv` the last `length` tokens of the first test conversations
+    that have that many (situation and turns as text; the tokenizer never yields a special id)."""
     import numpy as np
 
     from star_runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.from_dir(tokenizer_dir)
+    special_ids = {"pad": tok.pad_id, "start": tok.bos_id, "eos": tok.eos_id}
+    if esconv is not None:
+        from star_training.data import DataError, load_conversations
+
+        try:
+            dialogues = load_conversations(esconv, "test")
+        except (DataError, OSError) as err:
+            raise BenchmarkUsageError(f"--contexts-from {esconv}: {err}") from None
+        texts = (" ".join([d.situation, *(t.text for t in d.turns)]) for d in dialogues)
+        contexts = [ids[-length:] for ids in map(tok.encode, texts) if len(ids) >= length][:batch]
+        if len(contexts) < batch:
+            raise BenchmarkUsageError(f"--contexts-from {esconv}: {len(contexts)} test conversations have "
+                                      f"{length} tokens, not {batch}")
+        return contexts, special_ids
     special = {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id, *tok.strategy_ids}
     ordinary = np.array([i for i in range(tok.vocab_size) if i not in special])
     ids = np.random.default_rng(seed).choice(ordinary, size=(batch, length))
-    return ids.tolist(), {"pad": tok.pad_id, "start": tok.bos_id, "eos": tok.eos_id}
+    return ids.tolist(), special_ids
 
 
 def model_config(checkpoint: Path) -> dict[str, Any]:
@@ -271,7 +293,7 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
             if args.context_len > limit:
                 raise BenchmarkUsageError(f"{name}: the bundle reads at most {limit} context tokens, not "
                                      f"--context-len {args.context_len}")
-        ids, special = context_ids(checkpoint, args.batch, args.context_len, args.seed)
+        ids, special = context_ids(checkpoint, args.batch, args.context_len, args.seed, args.contexts_from)
         backends = {name: time_backend(name, paths[name], WorkerSpec(
             name, str(paths[name]), args.device, args.threads, warmup, repeats, args.reply_len, ids, special),
             args, log) for name in names}
@@ -295,7 +317,9 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
         "machine": machine,
         "settings": {"device": args.device, "threads": args.threads, "context_len": args.context_len,
                      "reply_len": args.reply_len, "batch": args.batch, "repeats": repeats, "warmup": warmup,
-                     "seed": args.seed, "decoding": f"greedy, repetition penalty {REPETITION_PENALTY}, fixed length"},
+                     "seed": args.seed, "decoding": f"greedy, repetition penalty {REPETITION_PENALTY}, fixed length",
+                     "contexts": f"ESConv test conversations ({args.contexts_from})" if args.contexts_from
+                     else "random ordinary tokens"},
         "model": {"description": source.description, "config": {k: config[k] for k in (
             "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size",
             "max_position_embeddings")}, "lm_head_rows": config.get("output_size", config["vocab_size"]),

@@ -37,8 +37,8 @@ def table(result: dict[str, Any]) -> Table:
     eager PyTorch below it (xR = backend / eager: below 1 is better); then the floor estimates."""
     s = result["settings"]
     t = Table(box=box.SIMPLE_HEAD, padding=0,
-              title=f"{s['device']}, {s['threads']} threads, batch {s['batch']}, {s['context_len']}-token context, "
-                    f"{s['reply_len']}-token greedy reply, {s['repeats']} repeats; times in ms; each cell: "
+              title=f"{s['device']}, {s['threads']} threads, batch {s['batch']}, {s['context_len']}-token context "
+                    f"({s.get('contexts', 'random ordinary tokens')}), {s['reply_len']}-token greedy reply, {s['repeats']} repeats; times in ms; each cell: "
                     "median, [dim]p95, x(backend / eager)[/]")
     t.add_column("backend", no_wrap=True, min_width=max(len(n) for n in [*result["backends"], "floor float32"]))
     for header in [*(COLUMNS[k] for k in TIMINGS), "RSS MB", "disk MB"]:

@@ -81,6 +81,28 @@ def test_bad_options_are_one_clear_line(args: list[str], message: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_contexts_from_esconv_are_the_last_tokens_of_test_conversations(tmp_path: Path, tokenizer_dir: Path) -> None:
+    from esconv_fixture import write_esconv
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from harness import BenchmarkUsageError
+    from latency import context_ids
+
+    from star_runtime.tokenizer import Tokenizer
+    from star_training.data import load_conversations
+
+    folder = write_esconv(tmp_path / "esconv")
+    ids, special = context_ids(tokenizer_dir, 2, 12, 0, folder)
+    tok = Tokenizer.from_dir(tokenizer_dir)
+    first = load_conversations(folder, "test")[:2]
+    assert ids == [tok.encode(" ".join([d.situation, *(t.text for t in d.turns)]))[-12:] for d in first]
+    assert special == {"pad": tok.pad_id, "start": tok.bos_id, "eos": tok.eos_id}
+    with pytest.raises(BenchmarkUsageError, match="test conversations have 100000 tokens"):
+        context_ids(tokenizer_dir, 1, 100_000, 0, folder)
+    with pytest.raises(BenchmarkUsageError, match="--contexts-from"):
+        context_ids(tokenizer_dir, 1, 12, 0, tmp_path / "nothing")
+
+
 SERVE_BENCH = REPO / "benchmarks" / "serve.py"
 
 
