@@ -103,6 +103,20 @@ def test_contexts_from_esconv_are_the_last_tokens_of_test_conversations(tmp_path
         context_ids(tokenizer_dir, 1, 12, 0, tmp_path / "nothing")
 
 
+def test_batch_step_times_every_part_and_the_bound(bundle_int8: Path) -> None:
+    script = REPO / "benchmarks" / "batch_step.py"
+    proc = subprocess.run([sys.executable, str(script), str(bundle_int8), "--rows", "2,3", "--repeats", "2"],
+                          capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    assert is_number(result["encoder_ms"]) and is_number(result["safety_ms"])
+    assert set(result["step_ms"]) == {"1", "2", "3"} and all(is_number(v) for v in result["step_ms"].values())
+    assert result["bound"]["clients"] == 3 and 0 < result["bound"]["gain"] < 3  # never more than the clients
+    bad = subprocess.run([sys.executable, str(script), str(bundle_int8), "--rows", "1"], capture_output=True,
+                         text=True, timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and "--rows" in bad.stderr and "Traceback" not in bad.stderr
+
+
 SERVE_BENCH = REPO / "benchmarks" / "serve.py"
 
 
