@@ -265,6 +265,8 @@ def _shared_tensors(f: _Fields, manifest: dict[str, Any], weights_size: int) -> 
         f.string(spec, "binding", f"{path}.binding", BINDINGS)
         if math.prod(shape) * DTYPES[dtype] != length:
             f.fail(f"{path}.length", f"{length} bytes is not shape {shape} of {dtype}")
+        if offset % DTYPES[dtype]:  # the runtime maps it as an array of dtype: elements must be aligned
+            f.fail(f"{path}.offset", f"{offset} is not a multiple of {dtype}'s {DTYPES[dtype]} bytes")
         if offset + length > weights_size:
             f.fail(f"{path}.offset", f"bytes {offset}..{offset + length} lie past the end of the weights file "
                    f"({weights_size} bytes)")

@@ -98,6 +98,9 @@ MALFORMED = {
                                              "strategies.token_ids"),
     "a shared tensor past the end of weights.bin": (
         lambda m: next(iter(m["shared_tensors"].values())).update(offset=2**40), "offset"),
+    "a shared tensor at an offset its dtype cannot be mapped at": (
+        lambda m: [t.update(offset=t["offset"] + 1) for t in m["shared_tensors"].values() if t["dtype"] != "uint8"],
+        "is not a multiple of"),
     "max_new_tokens past the position table": (_set("generation.max_new_tokens", 10**6),
                                                "generation.max_new_tokens"),
     "no self-check": (_drop("selfcheck"), "selfcheck"),
