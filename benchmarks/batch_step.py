@@ -26,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,7 +41,8 @@ from star_runtime.cli import EXIT_USAGE  # noqa: E402
 CONTEXT, REPLY = 160, 40
 
 
-def median_ms(fn, repeats: int, warmup: int = 3) -> float:
+def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
+    """The median of `repeats` timed calls of fn, in ms, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -56,7 +58,7 @@ def measure(bundle: Path, rows: list[int], repeats: int, threads: int | None) ->
     engine = rt.engine
     ids = np.random.default_rng(0).integers(10, engine.spec.vocab_size - 8, (1, CONTEXT))
     out: dict = {"bundle": str(bundle), "encoder_ms": median_ms(lambda: engine.encode(ids), repeats)}
-    messages = iter(range(1 << 30))  # a new text each call: the check caches nothing across texts
+    messages = iter(range(1 << 30))  # a new text each call: the rules remember their verdict per text
     out["safety_ms"] = float(np.mean([median_ms(lambda m=m: rt.safety.check_user(f"{m} {next(messages)}"), repeats)
                                       for m in TURNS]))
     cross = engine.encode(ids)
