@@ -91,13 +91,13 @@ class _Ops:
         of each block.
         """
         b = self.b
-        if self.precision != "int8" and EMBED in b.weights.tensors:
-            rows = b.op("Gather", [b.weight(EMBED), ids])
-        elif self.precision == "int8":
+        if self.precision == "int8":
             rows = b.op("Add", [b.op("Cast", [b.op("Gather", [b.weight(EMBED), ids])], to=1),  # to=1: float32
                                 b.const([-128.0], np.float32)])  # [B, S, d/B, B]
             scales = b.op("Unsqueeze", [b.op("Gather", [b.weight(EMBED_SCALE), ids]), b.const([-1])])  # [B, S, d/B, 1]
             rows = b.op("Reshape", [b.op("Mul", [rows, scales]), b.const([0, 0, -1])])
+        elif EMBED in b.weights.tensors:
+            rows = b.op("Gather", [b.weight(EMBED), ids])
         else:
             rows = b.op("Transpose", [b.op("Gather", [self.embedding_t(), ids], axis=1)], perm=[1, 2, 0])
         return rows if scale == 1.0 else b.op("Mul", [rows, b.const([scale], self.float)])
