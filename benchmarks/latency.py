@@ -5,8 +5,8 @@
     python benchmarks/latency.py --backends eager,runtime-int8 --threads 1 --work-dir ~/.cache/star-bench
 
 Every backend decodes the same context ids (random ordinary tokens, fixed seed; 160 by default;
-with --contexts-from, the last tokens of ESConv test conversations, which read fewer and more
-common embedding rows: peak RSS of a mapped embedding depends on it),
+with --contexts-from, star-eval's encoder inputs of ESConv test examples, which read fewer and
+more common embedding rows: peak RSS of a mapped embedding depends on it),
 greedily (repetition penalty 1.03, the project's), exactly --reply-len response tokens (the end of
 sequence is banned, so every backend does the same work), in a process of its own: warm-up
 replies, then --repeats timed ones. Per backend: time to the strategy, to the first response
@@ -152,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "folder's train responses, as the shipped default is (star-export --trim-vocab); the "
                         "other engines compute the whole vocabulary")
     p.add_argument("--contexts-from", type=Path, default=None, metavar="ESCONV_DIR",
-                   help="contexts from this ESConv folder's test conversations (situation and every turn, the "
-                        "last --context-len tokens) instead of random tokens")
+                   help="contexts from this ESConv folder's test examples (star-eval's encoder inputs of "
+                        "--context-len tokens) instead of random tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and contexts")
     p.add_argument("--timeout", type=at_least(1), default=1800, help="seconds allowed per backend")
     p.add_argument("--max-other-cpu", type=share, default=None, metavar="FRACTION",
@@ -180,9 +180,10 @@ def parse_backends(text: str, device: str) -> list[str]:
 
 def context_ids(tokenizer_dir: Path, batch: int, length: int, seed: int,
                 esconv: Path | None = None) -> tuple[list[list[int]], dict[str, int]]:
-    """`batch` contexts of `length` ordinary tokens (no special or strategy token), and the special
-    ids: random tokens, or with `esconv` the last `length` tokens of the first test conversations
-    that have that many (situation and turns as text; the tokenizer never yields a special id)."""
+    """`batch` contexts of `length` tokens and the special ids: random ordinary tokens (no special
+    or strategy token), or with `esconv` star-eval's encoder inputs (star_training.data: the
+    situation and the turns, with their separators and strategy tokens) of the first test examples
+    whose context fills `length` tokens."""
     import numpy as np
 
     from star_runtime.tokenizer import Tokenizer
@@ -190,14 +191,13 @@ def context_ids(tokenizer_dir: Path, batch: int, length: int, seed: int,
     tok = Tokenizer.from_dir(tokenizer_dir)
     special_ids = {"pad": tok.pad_id, "start": tok.bos_id, "eos": tok.eos_id}
     if esconv is not None:
-        from star_training.data import DataError, load_conversations
+        from star_training.data import DataError, build_examples, load_conversations
 
         try:
-            dialogues = load_conversations(esconv, "test")
+            examples = build_examples(load_conversations(esconv, "test"), tok, max_source=length)
         except (DataError, OSError) as err:
             raise BenchmarkUsageError(f"--contexts-from {esconv}: {err}") from None
-        texts = (" ".join([d.situation, *(t.text for t in d.turns)]) for d in dialogues)
-        contexts = [ids[-length:] for ids in map(tok.encode, texts) if len(ids) >= length][:batch]
+        contexts = [list(e.input_ids) for e in examples if len(e.input_ids) == length][:batch]
         if len(contexts) < batch:
             raise BenchmarkUsageError(f"--contexts-from {esconv}: {len(contexts)} test conversations have "
                                       f"{length} tokens, not {batch}")
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace, command: list[str], log: Any) -> dict[str, Any
         "settings": {"device": args.device, "threads": args.threads, "context_len": args.context_len,
                      "reply_len": args.reply_len, "batch": args.batch, "repeats": repeats, "warmup": warmup,
                      "seed": args.seed, "decoding": f"greedy, repetition penalty {REPETITION_PENALTY}, fixed length",
-                     "contexts": f"ESConv test conversations ({args.contexts_from})" if args.contexts_from
+                     "contexts": f"ESConv test examples ({args.contexts_from})" if args.contexts_from
                      else "random ordinary tokens"},
         "model": {"description": source.description, "config": {k: config[k] for k in (
             "d_model", "encoder_layers", "decoder_layers", "encoder_ffn_dim", "decoder_ffn_dim", "vocab_size",

@@ -81,7 +81,7 @@ def test_bad_options_are_one_clear_line(args: list[str], message: str) -> None:
     assert "Traceback" not in proc.stderr
 
 
-def test_contexts_from_esconv_are_the_last_tokens_of_test_conversations(tmp_path: Path, tokenizer_dir: Path) -> None:
+def test_contexts_from_esconv_are_star_evals_encoder_inputs(tmp_path: Path, tokenizer_dir: Path) -> None:
     from esconv_fixture import write_esconv
 
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -89,13 +89,15 @@ def test_contexts_from_esconv_are_the_last_tokens_of_test_conversations(tmp_path
     from latency import context_ids
 
     from star_runtime.tokenizer import Tokenizer
-    from star_training.data import load_conversations
+    from star_training.data import build_examples, load_conversations
 
     folder = write_esconv(tmp_path / "esconv")
     ids, special = context_ids(tokenizer_dir, 2, 12, 0, folder)
     tok = Tokenizer.from_dir(tokenizer_dir)
-    first = load_conversations(folder, "test")[:2]
-    assert ids == [tok.encode(" ".join([d.situation, *(t.text for t in d.turns)]))[-12:] for d in first]
+    full = [list(e.input_ids) for e in build_examples(load_conversations(folder, "test"), tok, max_source=12)
+            if len(e.input_ids) == 12]
+    assert ids == full[:2] and all(len(c) == 12 for c in ids)
+    assert any(i in tok.strategy_ids for c in ids for i in c) or any(tok.eos_id in c for c in ids)  # real inputs
     assert special == {"pad": tok.pad_id, "start": tok.bos_id, "eos": tok.eos_id}
     with pytest.raises(BenchmarkUsageError, match="test conversations have 100000 tokens"):
         context_ids(tokenizer_dir, 1, 100_000, 0, folder)
