@@ -119,6 +119,31 @@ def test_batch_step_times_every_part_and_the_bound(bundle_int8: Path) -> None:
     assert bad.returncode == 2 and "--rows" in bad.stderr and "Traceback" not in bad.stderr
 
 
+@pytest.mark.parametrize("which", ["bundle", "bundle_int8"])
+def test_kernel_bound_times_every_weight_matmul_and_attention(which: str, request: pytest.FixtureRequest) -> None:
+    """benchmarks/kernel_bound.py builds its matmul-only and attention-only graphs from every such
+    node of the bundle: as many as the configuration has (per decoder layer: self q|k|v, o, cross
+    q, o, FFN 2; STAR's 5; the LM head; per encoder layer: q|k|v, o, FFN 2; each decoder layer's
+    cross K|V), on both precisions' node types."""
+    folder: Path = request.getfixturevalue(which)
+    script = REPO / "benchmarks" / "kernel_bound.py"
+    proc = subprocess.run([sys.executable, str(script), str(folder), "--repeats", "2", "--floor-mb", "8",
+                           "--threads", "1"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout)
+    config = json.loads((folder / "manifest.json").read_text())["model_config"]
+    enc, dec = config["encoder_layers"], config["decoder_layers"]
+    assert result["matmuls"]["step_nodes"] == 6 * dec + 5 * config["star"]["use_star"] + 1
+    assert result["matmuls"]["encoder_nodes"] in (4 * enc + 1, 4 * enc + dec)  # cross K|V packed or per layer
+    assert result["attention"]["encoder_nodes"] == enc and result["attention"]["step_nodes"] == 2 * dec
+    for part in ("graphs", "matmuls", "attention", "floor"):
+        assert all(is_number(v) and v > 0 for k, v in result[part].items() if k.endswith("_ms")), part
+    assert is_number(result["bound"]["to_floor"]) and is_number(result["reply_to_floor"])
+    bad = subprocess.run([sys.executable, str(script), str(folder / "missing")], capture_output=True, text=True,
+                         timeout=60, cwd=REPO)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "Traceback" not in bad.stderr
+
+
 SERVE_BENCH = REPO / "benchmarks" / "serve.py"
 
 
