@@ -65,9 +65,8 @@ def measure_bundle(path: str, reps: int, threads: int | None, profile: bool, dev
     return out
 
 
-def read_profile(path: str) -> tuple[float, collections.Counter, collections.Counter]:
-    """From onnxruntime's JSON trace at `path`: ms per run, and kernel ms per run by node scope
-    (dec.*.self_attn, star, lm_head, ...) and by op type."""
+def _profile(path: str) -> dict:
+    """Kernel time per run (ms), by node scope and by op type, from onnxruntime's JSON trace."""
     events = json.load(open(path))
     runs = sum(1 for e in events if e.get("name") == "model_run") or 1
     run_ms = sum(e["dur"] for e in events if e.get("name") == "model_run") / runs / 1e3
@@ -79,12 +78,6 @@ def read_profile(path: str) -> tuple[float, collections.Counter, collections.Cou
             scope = scope.split(".")[0] + ".*." + scope.split(".")[-1] if scope.startswith(("dec.", "enc.")) else scope
             scopes[scope] += e["dur"] / runs / 1e3
             ops[e["args"]["op_name"]] += e["dur"] / runs / 1e3
-    return run_ms, scopes, ops
-
-
-def _profile(path: str) -> dict:
-    """Kernel time per run (ms), by node scope and by op type, from onnxruntime's JSON trace."""
-    run_ms, scopes, ops = read_profile(path)
     kernels = sum(scopes.values())
     return {"run_ms": round(run_ms, 3), "kernel_ms": round(kernels, 3),
             "by_scope_ms": {k: round(v, 3) for k, v in scopes.most_common()},
