@@ -26,31 +26,38 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import median_ms  # noqa: E402
 from serve import TURNS  # noqa: E402  the served conversations' user messages
 
 from star_runtime import BundleError, Runtime  # noqa: E402
 from star_runtime.batching import DecodeBatch  # noqa: E402
 from star_runtime.cli import EXIT_USAGE  # noqa: E402
+from star_runtime.engine import Engine  # noqa: E402
 
 CONTEXT, REPLY = 160, 40
 
 
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """The median of `repeats` timed calls of fn, in ms, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
+def reply_step_ms(engine: Engine, ids: np.ndarray, rows: int = 1) -> float:
+    """ms per step over one reply's positions 0..REPLY, `rows` sequences of context `ids` at once."""
+    if rows == 1:
+        run = engine.start(ids, capacity=REPLY + 1)
+        step = lambda: run.step(5)  # noqa: E731
+    else:
+        batch = DecodeBatch(engine, rows)
+        cross = engine.encode(ids)
+        for _ in range(rows):
+            batch.add(cross, ids.shape[1])
+        tokens = dict.fromkeys(range(rows), 5)
+        step = lambda: batch.step(tokens)  # noqa: E731
+    start = time.perf_counter()
+    for _ in range(REPLY + 1):
+        step()
+    return 1e3 * (time.perf_counter() - start) / (REPLY + 1)
 
 
 def measure(bundle: Path, rows: list[int], repeats: int, threads: int | None) -> dict:
@@ -61,25 +68,7 @@ def measure(bundle: Path, rows: list[int], repeats: int, threads: int | None) ->
     messages = iter(range(1 << 30))  # a new text each call: the rules remember their verdict per text
     out["safety_ms"] = float(np.mean([median_ms(lambda m=m: rt.safety.check_user(f"{m} {next(messages)}"), repeats)
                                       for m in TURNS]))
-    cross = engine.encode(ids)
-
-    def reply_steps(rows: int) -> float:
-        """ms per step over one reply's positions 0..REPLY, `rows` sequences at once."""
-        if rows == 1:
-            run = engine.start(ids, capacity=REPLY + 1)
-            step = lambda: run.step(5)  # noqa: E731
-        else:
-            batch = DecodeBatch(engine, rows)
-            for _ in range(rows):
-                batch.add(cross, CONTEXT)
-            tokens = dict.fromkeys(range(rows), 5)
-            step = lambda: batch.step(tokens)  # noqa: E731
-        start = time.perf_counter()
-        for _ in range(REPLY + 1):
-            step()
-        return 1e3 * (time.perf_counter() - start) / (REPLY + 1)
-
-    steps = {r: float(np.median([reply_steps(r) for _ in range(repeats)])) for r in [1, *rows]}
+    steps = {r: float(np.median([reply_step_ms(engine, ids, r) for _ in range(repeats)])) for r in [1, *rows]}
     out["step_ms"] = steps
     e_s, c = out["encoder_ms"] + out["safety_ms"], max(rows)
     out["bound"] = {"clients": c, "gain": c * (e_s + REPLY * steps[1]) / (c * e_s + REPLY * steps[c])}

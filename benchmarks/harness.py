@@ -88,6 +88,18 @@ def summarize(values: list[float]) -> dict[str, float]:
     return {"median": float(np.median(a)), "p95": float(np.percentile(a, 95))}
 
 
+def median_ms(fn: Any, repeats: int, warmup: int = 3) -> float:
+    """The median of `repeats` timed calls of fn(), in ms, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * float(np.median(times))
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far: VmHWM, the high-water mark of its own address
     space, on Linux. Not ru_maxrss there: Linux carries the parent's peak into a child across

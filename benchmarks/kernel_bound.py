@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,27 +42,16 @@ from onnx import TensorProto, helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
+from batch_step import CONTEXT, REPLY, reply_step_ms  # noqa: E402
+from harness import median_ms  # noqa: E402
 
 from star_runtime import BundleError, Runtime  # noqa: E402
 from star_runtime.bundle import read_shared_tensors  # noqa: E402
 from star_runtime.cli import EXIT_USAGE  # noqa: E402
-from star_runtime.engine import Engine, session_options  # noqa: E402
+from star_runtime.engine import session_options  # noqa: E402
 
-CONTEXT, REPLY = 160, 40
 MATMULS = {"MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Gemm", "MatMulInteger"}
 ATTENTION = {"MultiHeadAttention", "GroupQueryAttention"}
-
-
-def median_ms(fn: Callable[[], object], repeats: int, warmup: int = 3) -> float:
-    """The median of `repeats` timed calls of fn, in ms, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * float(np.median(times))
 
 
 def _inner_dim(node: onnx.NodeProto, weights: dict[str, tuple[int, ...]]) -> int | None:
@@ -131,15 +118,6 @@ def time_matmuls(path: Path, shared: dict[str, np.ndarray], rows: int, threads: 
     for out in session.get_outputs():
         io.bind_output(out.name)  # allocated by the first run, then reused
     return {"nodes": len(dims), "ms": median_ms(lambda: session.run_with_iobinding(io), repeats)}
-
-
-def _reply_steps(engine: Engine, ids: np.ndarray) -> float:
-    """ms per step over one reply's positions 0..REPLY."""
-    run = engine.start(ids, capacity=REPLY + 1)
-    start = time.perf_counter()
-    for _ in range(REPLY + 1):
-        run.step(5)
-    return 1e3 * (time.perf_counter() - start) / (REPLY + 1)
 
 
 def _attention_feeds(node: onnx.NodeProto, inits: set[str], step: bool, heads: int, head_dim: int,
@@ -219,7 +197,7 @@ def measure(bundle: Path, repeats: int, threads: int | None, floor_bytes: int) -
     engine, manifest = rt.engine, rt.manifest
     ids = np.random.default_rng(0).integers(10, engine.spec.vocab_size - 8, (1, CONTEXT))
     encoder_ms = median_ms(lambda: engine.encode(ids), repeats)
-    step_ms = float(np.median([_reply_steps(engine, ids) for _ in range(repeats)]))
+    step_ms = float(np.median([reply_step_ms(engine, ids) for _ in range(repeats)]))
     shared = read_shared_tensors(bundle, manifest)
     graphs = manifest["graphs"]
     enc = time_matmuls(bundle / graphs["encoder"], shared, CONTEXT, threads, repeats)
