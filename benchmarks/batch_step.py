@@ -23,7 +23,6 @@ Medians over --repeats (each step figure one reply's steps); one JSON line on st
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,12 +30,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import median_ms  # noqa: E402
+from harness import median_ms, print_result  # noqa: E402
 from serve import TURNS  # noqa: E402  the served conversations' user messages
 
-from star_runtime import BundleError, Runtime  # noqa: E402
+from star_runtime import Runtime  # noqa: E402
 from star_runtime.batching import DecodeBatch  # noqa: E402
-from star_runtime.cli import EXIT_USAGE  # noqa: E402
 from star_runtime.engine import Engine  # noqa: E402
 
 CONTEXT, REPLY = 160, 40
@@ -88,13 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         p.error(f"--rows: batch sizes of 2 or more, comma-separated, and --repeats >= 1, not {args.rows!r}")
-    try:
-        result = measure(args.bundle, rows, args.repeats, args.threads)
-    except (BundleError, ValueError) as err:
-        print(f"batch_step.py: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(result))
-    return 0
+    return print_result("batch_step.py", lambda: measure(args.bundle, rows, args.repeats, args.threads))
 
 
 if __name__ == "__main__":

@@ -100,6 +100,21 @@ def median_ms(fn: Any, repeats: int, warmup: int = 3) -> float:
     return 1e3 * float(np.median(times))
 
 
+def print_result(script: str, measure: Any) -> int:
+    """Print measure()'s result as one JSON line and return 0; a bad bundle or value is one line
+    on stderr, prefixed with the script's name, and the usage exit code."""
+    from star_runtime import BundleError
+    from star_runtime.cli import EXIT_USAGE
+
+    try:
+        result = measure()
+    except (BundleError, ValueError) as err:
+        print(f"{script}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    print(json.dumps(result))
+    return 0
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size so far: VmHWM, the high-water mark of its own address
     space, on Linux. Not ru_maxrss there: Linux carries the parent's peak into a child across

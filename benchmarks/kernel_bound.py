@@ -30,7 +30,6 @@ precision and LM head). Medians over --repeats; one JSON line on stdout.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,11 +42,10 @@ from onnx import TensorProto, helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import floor  # noqa: E402
 from batch_step import CONTEXT, REPLY, reply_step_ms  # noqa: E402
-from harness import median_ms  # noqa: E402
+from harness import median_ms, print_result  # noqa: E402
 
-from star_runtime import BundleError, Runtime  # noqa: E402
+from star_runtime import Runtime  # noqa: E402
 from star_runtime.bundle import read_shared_tensors  # noqa: E402
-from star_runtime.cli import EXIT_USAGE  # noqa: E402
 from star_runtime.engine import session_options  # noqa: E402
 
 MATMULS = {"MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Gemm", "MatMulInteger"}
@@ -238,13 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.floor_mb < 1 or (args.threads is not None and args.threads < 1):
         p.error("--repeats, --floor-mb and --threads must be at least 1")
-    try:
-        result = measure(args.bundle, args.repeats, args.threads, args.floor_mb * 2**20)
-    except (BundleError, ValueError) as err:
-        print(f"kernel_bound.py: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    print(json.dumps(result))
-    return 0
+    return print_result("kernel_bound.py", lambda: measure(args.bundle, args.repeats, args.threads, args.floor_mb * 2**20))
 
 
 if __name__ == "__main__":
