@@ -13,8 +13,8 @@ context). The floor counts two kinds of work: the weight matmuls and attention. 
     attn    a graph of only its attention nodes (MultiHeadAttention, GroupQueryAttention: the
             same nodes and attributes), fed what they read in a reply: the encoder's q, k, v
             [1, 160, d]; a step's cross-attention query [1, 1, d] over the cached K, V
-            [1, N, 160, H] of a 160-token source; its self-attention q|k|v [1, 1, 3d] (or q, k, v) over the
-            cache [1, N, 41, H] holding t positions, averaged over t = 0..n as a reply does.
+            [1, N, 160, H] of a 160-token source; its self-attention q|k|v [1, 1, 3d] (or q, k, v
+            apart) over the cache [1, N, 41, H] holding t positions, averaged over t = 0..n.
 
 LayerNorms, activations, the ops between kernels and Python are left out, so
 
@@ -119,10 +119,10 @@ def time_matmuls(path: Path, shared: dict[str, np.ndarray], rows: int, threads: 
 
 
 def _attention_feeds(node: onnx.NodeProto, inits: set[str], step: bool, heads: int, head_dim: int,
-                     positions: np.ndarray) -> dict[int, np.ndarray]:
+                     position: np.ndarray, total: np.ndarray) -> dict[int, np.ndarray]:
     """What attention `node` reads in a reply, by input slot (module docstring; d = heads x
-    head_dim, the encoder's width too); `positions` is the step's int32 [1] position, written in
-    place before each run."""
+    head_dim, the encoder's width too). `position` (int32 [1]) and `total` (int32 [], position + 1)
+    are the step's, shared by its nodes and written in place before each run."""
     d, rng = heads * head_dim, np.random.default_rng(0)
     act = lambda *shape: rng.standard_normal(shape, dtype=np.float32)  # noqa: E731
     present = {j for j, name in enumerate(node.input) if name and name not in inits}
@@ -134,7 +134,7 @@ def _attention_feeds(node: onnx.NodeProto, inits: set[str], step: bool, heads: i
     if node.op_type == "GroupQueryAttention" and step and present in ({0, 3, 4, 5, 6}, {0, 1, 2, 3, 4, 5, 6}):
         cache = lambda: act(1, heads, REPLY + 1, head_dim)  # noqa: E731
         qkv = {0: act(1, 1, 3 * d)} if 1 not in present else {j: act(1, 1, d) for j in (0, 1, 2)}  # packed or not
-        return qkv | {3: cache(), 4: cache(), 5: positions, 6: positions + 1}
+        return qkv | {3: cache(), 4: cache(), 5: position, 6: total}
     raise ValueError(f"{node.name}: a {node.op_type} reading inputs {sorted(present)} is not a layout this "
                      "benchmark knows (export/graphs.py changed?)")
 
@@ -144,21 +144,18 @@ def time_attention(path: Path, step: bool, heads: int, head_dim: int, threads: i
     """ms per run of the attention-only graph of `path` (a step's averaged over positions 0..REPLY)."""
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    positions, total = np.zeros(1, np.int32), np.ones((), np.int32)
+    position, total = np.zeros(1, np.int32), np.ones((), np.int32)
+    named = {id(position): "position", id(total): "total"}  # one input each, read by every node
     nodes, inputs, outputs, arrays, used = [], [], [], {}, set()
     for node in model.graph.node:
         if node.op_type not in ATTENTION:
             continue
-        feeds = _attention_feeds(node, set(inits), step, heads, head_dim, positions)
+        feeds = _attention_feeds(node, set(inits), step, heads, head_dim, position, total)
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
         k = len(nodes)
         for j, array in feeds.items():
-            name = f"a{k}_{j}"
-            if array is positions:
-                name = "position"
-            elif j == 6 and node.op_type == "GroupQueryAttention":
-                name, array = "total", total
+            name = named.get(id(array), f"a{k}_{j}")
             copy.input[j] = name
             if name not in arrays:
                 arrays[name] = array
@@ -184,7 +181,7 @@ def time_attention(path: Path, step: bool, heads: int, head_dim: int, threads: i
 
     def reply() -> None:
         for t in range(REPLY + 1):
-            positions[0], total[()] = t, t + 1
+            position[0], total[()] = t, t + 1
             session.run_with_iobinding(io)
 
     return {"nodes": len(nodes), "ms": median_ms(reply, repeats) / (REPLY + 1)}
@@ -236,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.repeats < 1 or args.floor_mb < 1 or (args.threads is not None and args.threads < 1):
         p.error("--repeats, --floor-mb and --threads must be at least 1")
-    return print_result("kernel_bound.py", lambda: measure(args.bundle, args.repeats, args.threads, args.floor_mb * 2**20))
+    return print_result("kernel_bound.py",
+                        lambda: measure(args.bundle, args.repeats, args.threads, args.floor_mb * 2**20))
 
 
 if __name__ == "__main__":
