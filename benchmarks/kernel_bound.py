@@ -44,9 +44,8 @@ import floor  # noqa: E402
 from batch_step import CONTEXT, REPLY, reply_step_ms  # noqa: E402
 from harness import median_ms, print_result  # noqa: E402
 
-from star_runtime import Runtime  # noqa: E402
-from star_runtime.bundle import read_shared_tensors  # noqa: E402
-from star_runtime.engine import session_options  # noqa: E402
+from star_runtime.bundle import contained, load_manifest, read_shared_tensors  # noqa: E402
+from star_runtime.engine import Engine, session_options  # noqa: E402
 
 MATMULS = {"MatMul", "MatMulNBits", "DynamicQuantizeMatMul", "Gemm", "MatMulInteger"}
 ATTENTION = {"MultiHeadAttention", "GroupQueryAttention"}
@@ -63,12 +62,25 @@ def _inner_dim(node: onnx.NodeProto, weights: dict[str, tuple[int, ...]]) -> int
     return shape[1] if transposed else shape[0]
 
 
-def matmul_graph(path: Path, shared: dict[str, np.ndarray], rows: int) -> tuple[onnx.ModelProto, list[int]]:
-    """The weight matmuls of the graph at `path` as a graph of their own: node k reads input x{k}
-    [1, rows, K_k] and writes y{k}; weights are the graph's initializers and the bundle's shared
-    tensors (made initializers here, which lets onnxruntime prepack them: a lower bound still).
-    Returns the model and each node's K."""
-    model = onnx.load(str(path))  # its initializers from weights.bin
+def _session(like: onnx.ModelProto, nodes: list[onnx.NodeProto], inputs: list[onnx.ValueInfoProto],
+             outputs: list[onnx.ValueInfoProto], weights: list[onnx.TensorProto],
+             threads: int | None) -> ort.InferenceSession:
+    """A session, with the runtime's options, for a graph of `nodes` cut from the model `like`
+    (its opsets and IR version)."""
+    model = helper.make_model(helper.make_graph(nodes, "part", inputs, outputs, weights),
+                              opset_imports=like.opset_import)
+    model.ir_version = like.ir_version
+    return ort.InferenceSession(model.SerializeToString(), session_options(threads),
+                                providers=["CPUExecutionProvider"])
+
+
+def matmul_graph(model: onnx.ModelProto, shared: dict[str, np.ndarray],
+                 rows: int) -> tuple[list[onnx.NodeProto], list[onnx.ValueInfoProto], list[onnx.ValueInfoProto],
+                                     list[onnx.TensorProto], list[int]]:
+    """The weight matmuls of `model` as a graph of their own: node k reads input x{k} [1, rows, K_k]
+    and writes y{k}; weights are the graph's initializers and the bundle's shared tensors (made
+    initializers here, which lets onnxruntime prepack them: a lower bound still). Returns the
+    nodes, inputs, outputs and weights, and each node's K."""
     inits = {t.name: t for t in model.graph.initializer}
     shapes = {name: tuple(t.dims) for name, t in inits.items()} | {name: a.shape for name, a in shared.items()}
     nodes, inputs, outputs, used, dims = [], [], [], set(), []
@@ -95,20 +107,16 @@ def matmul_graph(path: Path, shared: dict[str, np.ndarray], rows: int) -> tuple[
     weights = [inits[name] for name in used if name in inits]
     weights += [onnx.numpy_helper.from_array(np.asarray(shared[name]), name) for name in used
                 if name not in inits and name in shared]
-    graph = helper.make_graph(nodes, "matmuls", inputs, outputs, weights)
-    out = helper.make_model(graph, opset_imports=model.opset_import)
-    out.ir_version = model.ir_version
-    return out, dims
+    return nodes, inputs, outputs, weights, dims
 
 
-def time_matmuls(path: Path, shared: dict[str, np.ndarray], rows: int, threads: int | None,
+def time_matmuls(model: onnx.ModelProto, shared: dict[str, np.ndarray], rows: int, threads: int | None,
                  repeats: int) -> dict[str, Any]:
-    """ms per run of the matmul-only graph of `path` (its inputs and outputs bound once)."""
-    model, dims = matmul_graph(path, shared, rows)
-    session = ort.InferenceSession(model.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    """ms per run of the matmul-only graph of `model` (its inputs and outputs bound once)."""
+    *graph, dims = matmul_graph(model, shared, rows)
+    session = _session(model, *graph, threads)
     rng = np.random.default_rng(0)
-    io, values = session.io_binding(), []
+    io, values = session.io_binding(), []  # values: the bound inputs, kept alive while bound
     for k, k_dim in enumerate(dims):
         value = ort.OrtValue.ortvalue_from_numpy(rng.standard_normal((1, rows, k_dim), dtype=np.float32))
         io.bind_ortvalue_input(f"x{k}", value)
@@ -139,10 +147,9 @@ def _attention_feeds(node: onnx.NodeProto, inits: set[str], step: bool, heads: i
                      "benchmark knows (export/graphs.py changed?)")
 
 
-def time_attention(path: Path, step: bool, heads: int, head_dim: int, threads: int | None,
+def time_attention(model: onnx.ModelProto, step: bool, heads: int, head_dim: int, threads: int | None,
                    repeats: int) -> dict[str, Any]:
-    """ms per run of the attention-only graph of `path` (a step's averaged over positions 0..REPLY)."""
-    model = onnx.load(str(path))
+    """ms per run of the attention-only graph of `model` (a step's averaged over positions 0..REPLY)."""
     inits = {t.name: t for t in model.graph.initializer}
     position, total = np.zeros(1, np.int32), np.ones((), np.int32)
     named = {id(position): "position", id(total): "total"}  # one input each, read by every node
@@ -166,11 +173,7 @@ def time_attention(path: Path, step: bool, heads: int, head_dim: int, threads: i
             outputs.append(helper.make_tensor_value_info(copy.output[j], TensorProto.FLOAT, None))
         used.update(name for name in copy.input if name in inits)
         nodes.append(copy)
-    graph = helper.make_graph(nodes, "attention", inputs, outputs, [inits[name] for name in used])
-    out = helper.make_model(graph, opset_imports=model.opset_import)
-    out.ir_version = model.ir_version
-    session = ort.InferenceSession(out.SerializeToString(), session_options(threads),
-                                   providers=["CPUExecutionProvider"])
+    session = _session(model, nodes, inputs, outputs, [inits[name] for name in used], threads)
     io = session.io_binding()
     for name, array in arrays.items():
         io.bind_cpu_input(name, array)  # the binding reads position and total in place
@@ -188,18 +191,18 @@ def time_attention(path: Path, step: bool, heads: int, head_dim: int, threads: i
 
 
 def measure(bundle: Path, repeats: int, threads: int | None, floor_bytes: int) -> dict[str, Any]:
-    rt = Runtime.load(bundle, threads=threads)
-    engine, manifest = rt.engine, rt.manifest
+    manifest = load_manifest(bundle)
+    engine = Engine.open(bundle, manifest, threads=threads)
     ids = np.random.default_rng(0).integers(10, engine.spec.vocab_size - 8, (1, CONTEXT))
     encoder_ms = median_ms(lambda: engine.encode(ids), repeats)
     step_ms = float(np.median([reply_step_ms(engine, ids) for _ in range(repeats)]))
     shared = read_shared_tensors(bundle, manifest)
-    graphs = manifest["graphs"]
-    enc = time_matmuls(bundle / graphs["encoder"], shared, CONTEXT, threads, repeats)
-    step = time_matmuls(bundle / graphs["step"], shared, 1, threads, repeats)
+    encoder, decoder = (onnx.load(str(contained(bundle, manifest["graphs"][role]))) for role in ("encoder", "step"))
+    enc = time_matmuls(encoder, shared, CONTEXT, threads, repeats)
+    step = time_matmuls(decoder, shared, 1, threads, repeats)
     spec = engine.spec
-    enc_attn = time_attention(bundle / graphs["encoder"], False, spec.decoder_heads, spec.head_dim, threads, repeats)
-    step_attn = time_attention(bundle / graphs["step"], True, spec.decoder_heads, spec.head_dim, threads, repeats)
+    enc_attn = time_attention(encoder, False, spec.decoder_heads, spec.head_dim, threads, repeats)
+    step_attn = time_attention(decoder, True, spec.decoder_heads, spec.head_dim, threads, repeats)
 
     config = dict(manifest["model_config"], output_size=manifest["io"]["output_size"])
     threads_used = threads or session_options().intra_op_num_threads

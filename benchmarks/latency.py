@@ -199,8 +199,8 @@ def context_ids(tokenizer_dir: Path, batch: int, length: int, seed: int,
             raise BenchmarkUsageError(f"--contexts-from {esconv}: {err}") from None
         contexts = [list(e.input_ids) for e in examples if len(e.input_ids) == length][:batch]
         if len(contexts) < batch:
-            raise BenchmarkUsageError(f"--contexts-from {esconv}: {len(contexts)} test conversations have "
-                                      f"{length} tokens, not {batch}")
+            raise BenchmarkUsageError(f"--contexts-from {esconv}: {len(contexts)} test examples have "
+                                      f"{length} context tokens, not {batch}")
         return contexts, special_ids
     special = {tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id, *tok.strategy_ids}
     ordinary = np.array([i for i in range(tok.vocab_size) if i not in special])

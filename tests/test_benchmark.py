@@ -99,7 +99,7 @@ def test_contexts_from_esconv_are_star_evals_encoder_inputs(tmp_path: Path, toke
     assert ids == full[:2] and all(len(c) == 12 for c in ids)
     assert any(i in tok.strategy_ids for c in ids for i in c) or any(tok.eos_id in c for c in ids)  # real inputs
     assert special == {"pad": tok.pad_id, "start": tok.bos_id, "eos": tok.eos_id}
-    with pytest.raises(BenchmarkUsageError, match="test conversations have 100000 tokens"):
+    with pytest.raises(BenchmarkUsageError, match="test examples have 100000 context tokens"):
         context_ids(tokenizer_dir, 1, 100_000, 0, folder)
     with pytest.raises(BenchmarkUsageError, match="--contexts-from"):
         context_ids(tokenizer_dir, 1, 12, 0, tmp_path / "nothing")
